@@ -1,0 +1,1270 @@
+"""Train a multi-label classifier for the MS-COCO challenge (80 classes).
+
+    python MS_COCO.py --demo             # no data, no download: builds demo-data/, trains ~2 min on CPU, exports
+    python MS_COCO.py                    # the real run on ms-coco/ (ResNet-18, ImageNet, 100 epochs)
+    python MS_COCO.py --help             # every constant below, overridable as --name-with-dashes
+    python MS_COCO.py --resume checkpoints/<run_id>/last.pth
+    python MS_COCO_test.py               # predictions.json from the newest run's best_model.pth
+    tensorboard --logdir runs
+
+Each launch writes checkpoints/<run_id>/ (best_model.pth, last.pth, epoch files),
+outputs/<run_id>/ (metrics.csv, per_class.csv, split.json, config.json) and runs/<run_id>/.
+
+How it is fast: images are decoded once (in parallel) into a uint8 cache at the training
+size, memory-mapped on later launches; batches leave the cache as uint8, are moved to the
+device by a prefetch thread and cropped, flipped and normalised there in one batched op.
+"""
+
+import argparse
+import csv
+import hashlib
+import inspect
+import json
+import math
+import os
+import queue
+import re
+import signal
+import sys
+import threading
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+try:  # a progress bar when one is installed; plain loops otherwise
+    from tqdm import tqdm
+except ImportError:  # pragma: no cover
+    def tqdm(iterable=None, **kwargs):
+        return iterable
+
+# ---------------------------------------------------------------- constants
+# Each one can be overridden on the command line as --name-with-dashes.
+DATA_DIR = "ms-coco"            # challenge layout: images/train-resized, images/test-resized, labels/train
+ARCH = "resnet18"               # resnet18 | resnet50 | resnet101 | mobilenet_v3_small | efficientnet_b0 | convnext_tiny
+WEIGHTS = "imagenet"            # imagenet (torchvision's default weights) | none | path to a state_dict file
+FREEZE = "none"                 # none | backbone (train the head only) | partial (last two stages + head)
+DROPOUT = 0.0                   # dropout probability before the new 80-way head
+IMAGE_SIZE = 224                # px, square side the images are cached and trained at
+BATCH_SIZE = 256                # images per optimisation step
+EPOCHS = 100                    # passes over the training split
+LR = 1e-3                       # initial learning rate
+LR_STEP = 30                    # epochs between learning-rate decays (step schedule)
+LR_GAMMA = 0.5                  # factor applied every LR_STEP epochs
+OPTIMIZER = "adam"              # adam | adamw | sgd
+WEIGHT_DECAY = 0.0              # L2 (adam, sgd) or decoupled (adamw) weight decay
+MOMENTUM = 0.9                  # sgd only
+CROP_SCALE_MIN = 0.5            # smallest area fraction kept by the random resized crop (1 disables cropping)
+HFLIP = True                    # random horizontal flips in training
+VAL_FRACTION = 0.15             # share of the labelled images held out for validation
+SEED = 0                        # split, initialisation, batch order and augmentation all follow it
+THRESHOLD_MIN = 0.05            # lowest probability threshold swept on validation
+THRESHOLD_MAX = 0.95            # highest probability threshold swept on validation
+THRESHOLD_STEP = 0.01           # sweep step
+DEVICE = "auto"                 # auto (cuda when present) | cpu | cuda | cuda:1 ...
+AMP = True                      # bf16 autocast on CUDA (ignored on CPU)
+CHANNELS_LAST = True            # channels_last memory format on CUDA (ignored on CPU)
+COMPILE = False                 # torch.compile the model on CUDA (first epoch slower)
+DATA_ON_GPU = True              # keep the whole uint8 training set on the GPU when it fits with room to spare
+LOADER_THREADS = 0              # decode threads (0 = one per core)
+CACHE_DIR = ""                  # decoded-image cache folder ("" = <DATA_DIR>/cache, else ./cache when read-only)
+CACHE = True                    # false: decode into RAM every launch, write no cache
+MAX_IMAGES = 0                  # use only the first N labelled images (0 = all); for quick trials
+MAX_BAD_FRACTION = 0.02         # stop when more than this share of training images cannot be read
+MAX_BAD_STEPS = 5               # consecutive non-finite losses before the run stops
+KEEP_EPOCHS = 3                 # epoch checkpoints kept on disk (newest first); -1 keeps all
+CHECKPOINT_DIR = "checkpoints"  # checkpoints/<run_id>/
+OUTPUT_DIR = "outputs"          # outputs/<run_id>/
+RUNS_DIR = "runs"               # TensorBoard logs: runs/<run_id>/
+RUN_ID = ""                     # run folder name ("" = a timestamp)
+RESUME = ""                     # path of a last.pth (or epoch file) to continue from
+DEMO = False                    # generate demo-data/ when absent, train briefly on CPU, export predictions
+DEMO_DIR = "demo-data"          # where --demo builds its dataset
+
+CLASS_NAMES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
+    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
+    "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
+    "teddy bear", "hair drier", "toothbrush",
+)
+NUM_CLASSES = len(CLASS_NAMES)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CHECKPOINT_FORMAT = "ms-coco-multilabel"
+CHECKPOINT_VERSION = 1
+CACHE_VERSION = 1
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# The demo's recipe: small images and no download, so it fits ~2 minutes on 2 CPU cores.
+DEMO_OVERRIDES = dict(weights="none", image_size=64, epochs=20, batch_size=64, lr=2e-3,
+                      lr_step=14, device="cpu", crop_scale_min=0.6, keep_epochs=1)
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad path, bad file, bad option): printed without a traceback, exit 2."""
+
+
+# ------------------------------------------------------------------- config
+def module_constants(module):
+    """{lower-case name: (value, help)} for each UPPER_CASE constant with a trailing comment
+    above the module's first function: the editable defaults, documented once."""
+    src = inspect.getsource(module).split("\ndef ", 1)[0]
+    found = re.finditer(r"^([A-Z][A-Z0-9_]*) = [^#\n]*#(.*)$", src, re.M)
+    return {m.group(1).lower(): (getattr(module, m.group(1)), m.group(2).strip()) for m in found}
+
+
+def default_config():
+    """The constants above as a plain dict with lower-case keys."""
+    return {k: v for k, (v, _) in module_constants(sys.modules[__name__]).items()}
+
+
+def build_parser(module, description):
+    """argparse options generated from a module's constants: --name-with-dashes, typed by the default."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for key, (value, text) in module_constants(module).items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            parser.add_argument(flag, default=value, action=argparse.BooleanOptionalAction, help=text)
+        else:
+            parser.add_argument(flag, default=value, type=type(value), help=text)
+    return parser
+
+
+def parse_config(argv=None):
+    parser = build_parser(sys.modules[__name__], "Train a multi-label MS-COCO classifier.")
+    return vars(parser.parse_args(argv))
+
+
+# --------------------------------------------------------------------- data
+def find_layout(data_dir):
+    """Locate train images, train labels and test images under data_dir, accepting the
+    common variants (images/train instead of train-resized, doubly nested folders)."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise UserError(f"data folder {root} does not exist: pass --data-dir, or try --demo")
+
+    def pick(parent, names):
+        for name in names:
+            path = parent / name
+            if path.is_dir():
+                nested = path / path.name
+                return nested if nested.is_dir() else path
+        return None
+
+    layout = {
+        "train_images": pick(root / "images", ["train-resized", "train"]),
+        "train_labels": pick(root / "labels", ["train"]),
+        "test_images": pick(root / "images", ["test-resized", "test"]),
+        "test_labels": pick(root / "labels", ["test"]),
+    }
+    for key in ("train_images", "train_labels"):
+        if layout[key] is None:
+            want = "images/train-resized (or images/train)" if key == "train_images" else "labels/train"
+            raise UserError(f"no {want} folder under {root}: expected the challenge layout "
+                            f"{root}/images/train-resized, {root}/labels/train, {root}/images/test-resized")
+    return layout
+
+
+def list_images(folder):
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+def parse_label_text(text, source="labels"):
+    """Class ids of one .cls file: one integer 0-79 a line; blank lines, BOMs, CRLF and
+    duplicates are tolerated; anything else raises UserError naming the file."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise UserError(f"{source}: not a text file of class ids (undecodable bytes)") from None
+    text = text.lstrip("\ufeff")
+    ids = set()
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        if not re.fullmatch(r"[+-]?\d{1,6}", line):
+            raise UserError(f"{source}, line {n}: {line[:40]!r} is not an integer class id")
+        value = int(line)
+        if not 0 <= value < NUM_CLASSES:
+            raise UserError(f"{source}, line {n}: class id {value} is outside 0-{NUM_CLASSES - 1}")
+        ids.add(value)
+    if not ids:
+        raise UserError(f"{source}: no class id in the file (every training image needs at least one)")
+    return sorted(ids)
+
+
+def read_labels(label_dir, stems):
+    """An (N, 80) uint8 multi-hot matrix for the given stems."""
+    out = np.zeros((len(stems), NUM_CLASSES), np.uint8)
+    for i, stem in enumerate(stems):
+        path = Path(label_dir) / f"{stem}.cls"
+        out[i, parse_label_text(path.read_bytes(), str(path))] = 1
+    return out
+
+
+def pair_images_and_labels(image_dir, label_dir):
+    """Stems and image paths of the labelled training images; a missing partner on either
+    side is an error listing the files, since silently dropping data skews the split."""
+    images = list_images(image_dir)
+    if not images:
+        raise UserError(f"no .jpg images in {image_dir}")
+    labels = sorted(p for p in Path(label_dir).glob("*.cls"))
+    if not labels:
+        raise UserError(f"no .cls label files in {label_dir}")
+    by_stem = {p.stem: p for p in images}
+    label_stems = {p.stem for p in labels}
+    no_label = sorted(set(by_stem) - label_stems)
+    no_image = sorted(label_stems - set(by_stem))
+    problems = []
+    if no_label:
+        problems.append(f"{len(no_label)} image(s) in {image_dir} have no label file in {label_dir}, "
+                        f"e.g. {', '.join(no_label[:5])}")
+    if no_image:
+        problems.append(f"{len(no_image)} label file(s) in {label_dir} have no image in {image_dir}, "
+                        f"e.g. {', '.join(s + '.cls' for s in no_image[:5])}")
+    if problems:
+        raise UserError("; ".join(problems) + ". Remove or complete them, then run again.")
+    stems = sorted(by_stem)
+    return stems, [by_stem[s] for s in stems]
+
+
+def decode_image(path, size):
+    """One image as a (3, size, size) uint8 array: RGB, squashed to a square.
+    JPEG draft mode lets libjpeg decode at a reduced scale, far cheaper than a full decode."""
+    with Image.open(path) as img:
+        img.draft("RGB", (size, size))
+        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            arr = np.asarray(img, np.float32)
+            span = max(float(arr.max() - arr.min()), 1e-6)
+            img = Image.fromarray(((arr - arr.min()) * (255.0 / span)).astype(np.uint8))
+        img = img.convert("RGB").resize((size, size), Image.BILINEAR, reducing_gap=None)
+        return np.asarray(img, np.uint8).transpose(2, 0, 1)
+
+
+def decode_all(paths, size, out=None, threads=0, desc="decode"):
+    """Decode paths into out[i] (an array or memmap of shape (N, 3, size, size)) with a
+    thread pool: Pillow releases the GIL while decoding and resizing. Returns the indices
+    of files that could not be read, with the reason."""
+    if out is None:
+        out = np.zeros((len(paths), 3, size, size), np.uint8)
+    bad = []
+
+    def work(i):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                out[i] = decode_image(paths[i], size)
+            return None
+        except Exception as exc:  # any unreadable file is reported, never fatal here
+            out[i] = 0
+            return i, f"{type(exc).__name__}: {exc}"
+
+    threads = threads or os.cpu_count() or 1
+    with ThreadPoolExecutor(threads) as pool:
+        for result in tqdm(pool.map(work, range(len(paths)), chunksize=64), total=len(paths),
+                           desc=desc, unit="img", disable=None, leave=False):
+            if result is not None:
+                bad.append(result)
+    return out, bad
+
+
+def source_fingerprint(paths, extra=""):
+    h = hashlib.sha1(extra.encode())
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{Path(p).name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def resolve_cache_dir(cfg):
+    if cfg["cache_dir"]:
+        return Path(cfg["cache_dir"])
+    preferred = Path(cfg["data_dir"]) / "cache"
+    if os.access(preferred if preferred.exists() else Path(cfg["data_dir"]), os.W_OK):
+        return preferred
+    return Path("cache")
+
+
+@dataclass
+class ImageSet:
+    stems: list
+    images: np.ndarray          # (N, 3, S, S) uint8, in RAM or memory-mapped
+    labels: np.ndarray          # (N, 80) uint8 multi-hot
+    bad: list                   # (stem, reason) of files skipped because they could not be read
+
+
+def load_train_set(cfg, log=print):
+    """The labelled training images decoded at the training size, through the cache."""
+    layout = find_layout(cfg["data_dir"])
+    log(f"data: images {layout['train_images']}, labels {layout['train_labels']}, "
+        f"test {layout['test_images'] or '(none)'}")
+    stems, paths = pair_images_and_labels(layout["train_images"], layout["train_labels"])
+    if cfg["max_images"]:
+        stems, paths = stems[:cfg["max_images"]], paths[:cfg["max_images"]]
+    label_paths = [Path(layout["train_labels"]) / f"{s}.cls" for s in stems]
+    size = cfg["image_size"]
+    images = labels = bad = None
+    if cfg["cache"]:
+        cache_dir = resolve_cache_dir(cfg)
+        tag = f"train_{size}" + (f"_n{len(stems)}" if cfg["max_images"] else "")
+        key = source_fingerprint(paths + label_paths, f"v{CACHE_VERSION}:{size}")
+        images, index = open_cache(cache_dir, tag, key)
+        if images is not None:
+            log(f"cache: {len(stems)} images memory-mapped from {cache_dir / (tag + '.npy')}")
+            labels, bad = np.asarray(index["labels"], np.uint8), [tuple(b) for b in index["bad"]]
+    if images is None:
+        labels = read_labels(layout["train_labels"], stems)
+        t0 = time.time()
+        if cfg["cache"]:
+            images, bad = build_cache(cache_dir, tag, key, paths, stems, labels, size, cfg["loader_threads"])
+        else:
+            images, bad = decode_all(paths, size, threads=cfg["loader_threads"])
+        bad = [(stems[i], why) for i, why in bad]
+        log(f"decoded {len(stems)} images at {size}px in {time.time() - t0:.1f}s "
+            f"({len(stems) / max(time.time() - t0, 1e-9):.0f} img/s)")
+    return drop_bad(ImageSet(stems, images, labels, bad), cfg["max_bad_fraction"], log)
+
+
+def open_cache(cache_dir, tag, key):
+    npy, idx = Path(cache_dir) / f"{tag}.npy", Path(cache_dir) / f"{tag}.json"
+    try:
+        index = json.loads(idx.read_text())
+        if index.get("key") != key:
+            return None, None
+        return np.load(npy, mmap_mode="r"), index
+    except (OSError, ValueError):
+        return None, None
+
+
+def build_cache(cache_dir, tag, key, paths, stems, labels, size, threads):
+    """Decode once into <cache_dir>/<tag>.npy (written beside, then renamed) and an index
+    with stems, labels, unreadable files and a fingerprint of the sources."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    npy = cache_dir / f"{tag}.npy"
+    tmp = cache_dir / f".{tag}.{os.getpid()}.tmp.npy"
+    try:
+        arr = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(paths), 3, size, size))
+        arr, bad = decode_all(paths, size, out=arr, threads=threads, desc=f"cache {tag}")
+        arr.flush()
+        del arr
+        os.replace(tmp, npy)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"could not write the image cache in {cache_dir} ({exc}); "
+                        f"free some disk, pass --cache-dir elsewhere or --no-cache") from None
+    index = {"version": CACHE_VERSION, "key": key, "size": size, "stems": stems,
+             "labels": labels.tolist(), "bad": [[stems[i], why] for i, why in bad]}
+    atomic_write_text(cache_dir / f"{tag}.json", json.dumps(index))
+    return np.load(npy, mmap_mode="r"), bad
+
+
+def drop_bad(data, max_fraction, log=print):
+    """Report unreadable images; stop when there are too many. Their rows stay in the cache
+    (zeros) and are left out of the split by usable_rows()."""
+    if not data.bad:
+        return data
+    frac = len(data.bad) / len(data.stems)
+    listing = "\n".join(f"  {stem}: {why}" for stem, why in data.bad[:20])
+    log(f"warning: {len(data.bad)} unreadable training image(s) skipped:\n{listing}")
+    if frac > max_fraction:
+        raise UserError(f"{len(data.bad)} of {len(data.stems)} training images ({frac:.1%}) cannot be read, "
+                        f"more than --max-bad-fraction {max_fraction:.0%}: check the image folder")
+    return data
+
+
+def usable_rows(data):
+    bad = {s for s, _ in data.bad}
+    return np.array([i for i, s in enumerate(data.stems) if s not in bad], int)
+
+
+def make_split(labels, val_fraction, seed):
+    """Train/val indices, seeded. Classes are visited rarest first and each gets about
+    val_fraction of its images in validation, at least one on each side whenever it has
+    two or more images: the rare classes decide the challenge score."""
+    n = len(labels)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    side = np.full(n, -1)                      # -1 unassigned, 0 train, 1 val
+    counts = labels.sum(0)
+    for c in np.argsort(counts, kind="stable"):
+        if counts[c] == 0:
+            continue
+        members = order[labels[order, c] > 0]
+        want_val = max(1, round(val_fraction * counts[c])) if counts[c] >= 2 else 0
+        want_val = min(want_val, counts[c] - 1) if counts[c] >= 2 else 0
+        have_val = int((side[members] == 1).sum())
+        for i in members[side[members] == -1]:
+            side[i] = 1 if have_val < want_val else 0
+            have_val += side[i]
+    rest = side == -1
+    side[rest] = (rng.random(rest.sum()) < val_fraction).astype(int)
+    for c in np.flatnonzero(counts >= 2):      # repair a class an earlier choice left one-sided
+        members = np.flatnonzero(labels[:, c] > 0)
+        for want in (0, 1):
+            if not (side[members] == want).any():
+                movable = members[np.argsort(labels[members].sum(1))]
+                side[movable[0]] = want
+    return np.flatnonzero(side == 0), np.flatnonzero(side == 1)
+
+
+# ------------------------------------------------------------- augmentation
+def normalize(x_uint8, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """uint8 (B, 3, H, W) on any device -> normalised float32."""
+    mean = torch.tensor(mean, device=x_uint8.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=x_uint8.device).view(1, 3, 1, 1)
+    return (x_uint8.float().div_(255.0) - mean) / std
+
+
+def eval_transform(x_uint8, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """The evaluation preprocessing, shared by validation and export: images are already
+    squashed to the model's size by decode_image, so only normalisation remains."""
+    return normalize(x_uint8, mean, std)
+
+
+def augment_batch(x_uint8, generator, crop_scale_min=CROP_SCALE_MIN, hflip=True):
+    """Random resized crop and horizontal flip, each sample its own parameters, as one
+    affine grid_sample on the batch's device. Crops stay inside the image."""
+    b, _, h, w = x_uint8.shape
+    x = normalize(x_uint8)
+    if crop_scale_min >= 1 and not hflip:
+        return x
+    area = torch.empty(b).uniform_(crop_scale_min, 1.0, generator=generator)
+    log_ratio = torch.empty(b).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
+    ratio = log_ratio.exp()
+    sx = (area * ratio).sqrt().clamp(max=1.0)          # crop width as a fraction of the image
+    sy = (area / ratio).sqrt().clamp(max=1.0)
+    tx = (torch.rand(b, generator=generator) * 2 - 1) * (1 - sx)
+    ty = (torch.rand(b, generator=generator) * 2 - 1) * (1 - sy)
+    flip = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0) if hflip else torch.ones(b)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = sx * flip, tx
+    theta[:, 1, 1], theta[:, 1, 2] = sy, ty
+    grid = F.affine_grid(theta.to(x.device), [b, 3, h, w], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class BatchPrefetcher:
+    """Yields (uint8 images, float labels) batches already on the device. A background thread
+    gathers the next batches from the (possibly memory-mapped) cache, pins and copies them
+    without blocking, so host work overlaps with the model's compute."""
+
+    def __init__(self, images, labels, index_batches, device, depth=3):
+        self.images, self.labels, self.batches, self.device = images, labels, index_batches, device
+        self.queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._fill, daemon=True)
+        self.thread.start()
+
+    def _take(self, idx):
+        if isinstance(self.images, torch.Tensor):        # already on the device
+            idx_t = torch.as_tensor(idx, device=self.images.device)
+            return self.images.index_select(0, idx_t), self.labels.index_select(0, idx_t).float()
+        x = torch.from_numpy(np.ascontiguousarray(self.images[np.sort(idx)]))
+        y = torch.from_numpy(self.labels[np.sort(idx)].astype(np.float32))
+        if self.device.type == "cuda":
+            x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x, y
+
+    def _fill(self):
+        try:
+            for idx in self.batches:
+                if self.stop.is_set():
+                    return
+                self.queue.put(self._take(idx))
+            self.queue.put(None)
+        except BaseException as exc:  # surfaced in the consumer
+            self.queue.put(exc)
+
+    def __iter__(self):
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self):
+        self.stop.set()
+        while self.thread.is_alive():
+            try:
+                self.queue.get_nowait()
+            except queue.Empty:
+                self.thread.join(0.05)
+
+
+# -------------------------------------------------------------------- model
+def weights_enum(arch):
+    from torchvision import models
+    return models.get_model_weights(arch).DEFAULT
+
+
+def load_imagenet_state(arch):
+    """torchvision's ImageNet weights; looks in $TORCH_HOME/hub/checkpoints/ before downloading."""
+    weights = weights_enum(arch)
+    try:
+        return weights.get_state_dict(progress=False, check_hash=False)
+    except Exception as exc:
+        fname = weights.url.rsplit("/", 1)[-1]
+        where = Path(torch.hub.get_dir()) / "checkpoints"
+        raise UserError(
+            f"could not load the ImageNet weights for {arch} ({type(exc).__name__}: {exc}). "
+            f"Download {weights.url} on a machine with internet and put {fname} in {where}/ "
+            f"(set TORCH_HOME to use another folder), or pass --weights PATH to a local file, "
+            f"or --weights none to train from scratch.") from None
+
+
+def build_model(arch=ARCH, weights=WEIGHTS, num_classes=NUM_CLASSES, dropout=DROPOUT, freeze=FREEZE):
+    """A torchvision backbone with its classifier replaced by a num_classes-way linear head."""
+    from torchvision import models
+    try:
+        model = models.get_model(arch, weights=None)
+    except ValueError:
+        raise UserError(f"unknown --arch {arch!r}; try resnet18, resnet50, resnet101, "
+                        f"mobilenet_v3_small, efficientnet_b0 or convnext_tiny") from None
+    if weights == "imagenet":
+        model.load_state_dict(load_imagenet_state(arch))
+    elif weights not in ("none", "", None):
+        path = Path(weights)
+        if not path.is_file():
+            raise UserError(f"--weights {weights}: no such file (use imagenet, none, or a state_dict path)")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("model", state) if isinstance(state, dict) else state
+        missing, _ = model.load_state_dict(state, strict=False)
+        if len(missing) > 4:
+            raise UserError(f"--weights {weights} does not fit {arch}: {len(missing)} tensors missing")
+    replace_head(model, num_classes, dropout)
+    apply_freeze(model, freeze)
+    return model
+
+
+def _head_parent(model):
+    """(module holding the final Linear, attribute or index of it)."""
+    if isinstance(getattr(model, "fc", None), nn.Linear):
+        return model, "fc"
+    classifier = model.classifier
+    last = max(i for i, m in enumerate(classifier) if isinstance(m, nn.Linear))
+    return classifier, last
+
+
+def replace_head(model, num_classes, dropout):
+    parent, key = _head_parent(model)
+    old = parent[key] if isinstance(key, int) else getattr(parent, key)
+    head = nn.Linear(old.in_features, num_classes)
+    new = nn.Sequential(nn.Dropout(dropout), head) if dropout > 0 else head
+    if isinstance(key, int):
+        parent[key] = new
+    else:
+        setattr(parent, key, new)
+
+
+def stages(model):
+    """The backbone's stages in order, used by --freeze partial."""
+    if hasattr(model, "layer4"):
+        return [nn.ModuleList([model.conv1, model.bn1]), model.layer1, model.layer2, model.layer3, model.layer4]
+    return list(model.features)
+
+
+def apply_freeze(model, freeze):
+    if freeze == "none":
+        return
+    if freeze not in ("backbone", "partial"):
+        raise UserError(f"unknown --freeze {freeze!r}: none, backbone or partial")
+    for p in model.parameters():
+        p.requires_grad = False
+    parent, key = _head_parent(model)
+    trainable = [parent[key] if isinstance(key, int) else getattr(parent, key)]
+    if freeze == "partial":
+        trainable += stages(model)[-2:]
+    for module in trainable:
+        for p in module.parameters():
+            p.requires_grad = True
+
+
+# ------------------------------------------------------------------ metrics
+def challenge_scores(y_true, y_pred):
+    """The leaderboard's challenge F1 (inverse-frequency weighted P and R, see metric.md)
+    with macro and micro F1. Classes absent from y_true are left out of every class mean."""
+    t = np.asarray(y_true, bool)
+    p = np.asarray(y_pred, bool)
+    tp = (t & p).sum(0).astype(np.float64)
+    fp = (~t & p).sum(0).astype(np.float64)
+    pos = t.sum(0).astype(np.float64)
+    present = pos > 0
+    prec = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=tp > 0)
+    rec = np.divide(tp, pos, out=np.zeros_like(tp), where=tp > 0)
+    f1_c = np.divide(2 * prec * rec, prec + rec, out=np.zeros_like(tp), where=(prec + rec) > 0)
+    w = np.zeros_like(pos)
+    w[present] = 1.0 / pos[present]
+    w /= max(w.sum(), 1e-300)
+    P, R = float((w * prec).sum()), float((w * rec).sum())
+    f1 = 0.0 if P == 0 or R == 0 else 2.0 / (1.0 / P + 1.0 / R)
+    fn = pos - tp
+    micro_den = 2 * tp.sum() + fp.sum() + fn.sum()
+    return {
+        "f1": f1, "precision": P, "recall": R,
+        "macro_f1": float(f1_c[present].mean()) if present.any() else 0.0,
+        "micro_f1": float(2 * tp.sum() / micro_den) if micro_den else 0.0,
+        "classes_present": int(present.sum()),
+        "class_precision": prec, "class_recall": rec, "class_f1": f1_c, "support": pos.astype(int),
+    }
+
+
+def average_precision(y_true, scores):
+    """Per-class AP (area under the step PR curve, as scikit-learn's) and their mean over
+    classes with positives."""
+    t = np.asarray(y_true, bool)
+    ap = np.full(t.shape[1], np.nan)
+    for c in np.flatnonzero(t.any(0)):
+        order = np.argsort(-scores[:, c], kind="stable")
+        hits = t[order, c]
+        tp = np.cumsum(hits)
+        precision = tp / np.arange(1, len(hits) + 1)
+        ap[c] = precision[hits].sum() / hits.sum()
+    return ap, float(np.nanmean(ap)) if np.isfinite(ap).any() else 0.0
+
+
+def threshold_grid(lo=THRESHOLD_MIN, hi=THRESHOLD_MAX, step=THRESHOLD_STEP):
+    return np.round(np.arange(lo, hi + step / 2, step), 6)
+
+
+def sweep_thresholds(y_true, probs, taus):
+    """Challenge F1, P and R at every global threshold, vectorised: per class, sorted scores
+    and searchsorted give tp and fp counts for all thresholds at once (prediction: prob >= tau)."""
+    t = np.asarray(y_true, bool)
+    probs = np.asarray(probs, np.float64)
+    taus = np.asarray(taus, np.float64)
+    pos = t.sum(0)
+    present = pos > 0
+    w = np.where(present, 1.0 / np.maximum(pos, 1), 0.0)
+    w /= max(w.sum(), 1e-300)
+    masked_pos = np.where(t, probs, -np.inf)
+    masked_neg = np.where(t, -np.inf, probs)
+    sp = np.sort(masked_pos, axis=0)
+    sn = np.sort(masked_neg, axis=0)
+    n = len(probs)
+    tp = np.stack([n - np.searchsorted(sp[:, c], taus, "left") for c in range(t.shape[1])], 1).astype(float)
+    fp = np.stack([n - np.searchsorted(sn[:, c], taus, "left") for c in range(t.shape[1])], 1).astype(float)
+    prec = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=tp > 0)
+    rec = np.divide(tp, pos[None, :], out=np.zeros_like(tp), where=tp > 0)
+    P, R = prec @ w, rec @ w
+    f1 = np.divide(2 * P * R, P + R, out=np.zeros_like(P), where=(P > 0) & (R > 0))
+    return {"tau": taus, "f1": f1, "precision": P, "recall": R}
+
+
+def best_threshold(sweep):
+    i = int(np.argmax(sweep["f1"]))
+    return float(sweep["tau"][i]), float(sweep["f1"][i])
+
+
+def binarize(probs, threshold):
+    """Predictions from probabilities: prob >= threshold, a scalar or one value per class.
+    The sweep and the export both use this rule."""
+    return np.asarray(probs) >= np.asarray(threshold, np.float64)
+
+
+def validation_report(y_true, probs, taus):
+    """Everything logged per epoch: scores at tau* (swept) and at 0.5, plus mAP."""
+    sweep = sweep_thresholds(y_true, probs, taus)
+    tau, _ = best_threshold(sweep)
+    at_best = challenge_scores(y_true, binarize(probs, tau))
+    at_half = challenge_scores(y_true, binarize(probs, 0.5))
+    ap, m_ap = average_precision(y_true, probs)
+    return {"tau": tau, "best": at_best, "half": at_half, "ap": ap, "map": m_ap, "sweep": sweep}
+
+
+# ----------------------------------------------------------------- training
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for, but CUDA is not available here; use --device cpu")
+    return torch.device(name)
+
+
+def build_optimizer(cfg, model):
+    params = [p for p in model.parameters() if p.requires_grad]
+    name = cfg["optimizer"]
+    if name == "adam":
+        return torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"],
+                               weight_decay=cfg["weight_decay"], nesterov=True)
+    raise UserError(f"unknown --optimizer {name!r}: adam, adamw or sgd")
+
+
+def build_scheduler(cfg, optimizer):
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(cfg["lr_step"], 1), gamma=cfg["lr_gamma"])
+
+
+def step_seed(seed, epoch, step):
+    """Seed for one optimisation step: a resumed run replays exactly the same batches."""
+    return (seed * 1_000_003 + epoch * 10_007 + step) % (2 ** 63)
+
+
+def epoch_batches(rows, batch_size, seed, epoch):
+    """The epoch's batches as row indices into the image array, in a seeded order."""
+    g = torch.Generator().manual_seed(step_seed(seed, epoch, 0) ^ 0x5EED)
+    order = np.asarray(rows)[torch.randperm(len(rows), generator=g).numpy()]
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def autocast(device, enabled):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+class StopRequested(Exception):
+    """Ctrl-C or SIGTERM arrived; the current step finished and the state can be saved."""
+
+
+class StopFlag:
+    """Turns SIGINT/SIGTERM into a flag checked between steps (a second Ctrl-C aborts at once)."""
+
+    def __init__(self):
+        self.signum = None
+
+    def install(self):
+        self.previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in self.previous:
+            signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name} received: finishing the current step, then saving last.pth",
+              file=sys.stderr, flush=True)
+
+    def restore(self):
+        for s, h in getattr(self, "previous", {}).items():
+            signal.signal(s, h)
+
+
+def train_one_epoch(model, optimizer, images, labels, rows, device, cfg, epoch, start_step=0, carry=None,
+                    stop=None, on_stop=None):
+    """One pass over the training rows of images/labels. Returns (mean loss, images seen,
+    seconds). carry holds (loss sum, images, bad steps) of steps done before an interruption."""
+    model.train()
+    criterion = nn.BCEWithLogitsLoss()
+    batches = epoch_batches(rows, cfg["batch_size"], cfg["seed"], epoch)
+    loss_sum, seen, bad_steps = carry or (0.0, 0, 0)
+    t0 = time.time()
+    prefetch = BatchPrefetcher(images, labels, batches[start_step:], device)
+    bar = tqdm(total=len(batches), initial=start_step, desc=f"epoch {epoch}", unit="batch", disable=None, leave=False)
+    try:
+        for step, (x8, y) in enumerate(prefetch, start_step):
+            torch.manual_seed(step_seed(cfg["seed"], epoch, step))
+            g = torch.Generator().manual_seed(step_seed(cfg["seed"], epoch, step) + 1)
+            x = augment_batch(x8, g, cfg["crop_scale_min"], cfg["hflip"])
+            if device.type == "cuda" and cfg["channels_last"]:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device, cfg["amp"]):
+                loss = criterion(model(x).float(), y)
+            if not torch.isfinite(loss):
+                bad_steps += 1
+                print(f"warning: non-finite loss at epoch {epoch} step {step}: step skipped "
+                      f"({bad_steps} in a row)", file=sys.stderr)
+                optimizer.zero_grad(set_to_none=True)
+                if bad_steps >= cfg["max_bad_steps"]:
+                    raise UserError(f"{bad_steps} non-finite losses in a row: stopping. The last good "
+                                    f"checkpoint is kept; try a lower --lr or --no-amp.")
+            else:
+                bad_steps = 0
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += float(loss.detach()) * len(y)
+                seen += len(y)
+            bar.update(1)
+            if stop is not None and stop.signum is not None:
+                on_stop(step + 1, (loss_sum, seen, bad_steps))
+                raise StopRequested
+    finally:
+        prefetch.close()
+        bar.close()
+    return loss_sum / max(seen, 1), seen, time.time() - t0
+
+
+@torch.no_grad()
+def predict(model, images_u8, device, batch_size=512, amp=True, channels_last=True, mean=IMAGENET_MEAN,
+            std=IMAGENET_STD, rows=None, desc="predict"):
+    """Sigmoid probabilities (N, 80) float32 for uint8 images (array, memmap or tensor),
+    all of them or the given rows."""
+    model.eval()
+    rows = np.arange(len(images_u8)) if rows is None else np.asarray(rows)
+    out = []
+    for i in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", disable=None, leave=False):
+        idx = rows[i:i + batch_size]
+        if isinstance(images_u8, torch.Tensor):
+            x8 = images_u8.index_select(0, torch.as_tensor(idx, device=images_u8.device))
+        else:
+            x8 = torch.from_numpy(np.ascontiguousarray(images_u8[idx]))
+        x = eval_transform(x8.to(device, non_blocking=True), mean, std)
+        if device.type == "cuda" and channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp):
+            out.append(torch.sigmoid(model(x).float()).cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, NUM_CLASSES), np.float32)
+
+
+def evaluate(model, images, labels, rows, device, cfg):
+    """Validation loss and probabilities of the given rows."""
+    probs = predict(model, images, device, 2 * cfg["batch_size"], cfg["amp"], cfg["channels_last"],
+                    rows=rows, desc="validate")
+    p = torch.from_numpy(probs).double().clamp(1e-7, 1 - 1e-7)
+    y = torch.as_tensor(np.asarray(labels)[rows], dtype=torch.float64)
+    loss = float(F.binary_cross_entropy(p, y)) if len(y) else float("nan")
+    return loss, probs
+
+
+# -------------------------------------------------------------- checkpoints
+def atomic_write_bytes(path, data):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path, text):
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_checkpoint(path, state):
+    """torch.save to a temporary file beside path, then os.replace: a reader sees the old
+    file or the new one, never half of one; a full disk leaves the old file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path):
+    """A checkpoint written by save_checkpoint, checked before use."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"checkpoint {path} cannot be read ({type(exc).__name__}); it is truncated, "
+                        f"corrupt or not a torch file: use another one (best_model.pth, last.pth)") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not a checkpoint of this project (no '{CHECKPOINT_FORMAT}' format tag)")
+    if state.get("format_version", 0) > CHECKPOINT_VERSION:
+        raise UserError(f"{path} has format version {state['format_version']}, newer than this script "
+                        f"({CHECKPOINT_VERSION}): update MS_COCO.py")
+    return state
+
+
+def model_from_checkpoint(state):
+    model = build_model(state["arch"], "none", state["num_classes"], state["config"].get("dropout", 0.0))
+    model.load_state_dict(state["model"])
+    return model
+
+
+def unwrap(model):
+    return getattr(model, "_orig_mod", model)
+
+
+def checkpoint_state(model, optimizer, scheduler, cfg, run_id, epoch, step, best, report, carry):
+    """Everything needed to export (architecture, preprocessing, classes, threshold) or resume."""
+    return {
+        "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
+        "run_id": run_id, "arch": cfg["arch"], "num_classes": NUM_CLASSES,
+        "class_names": list(CLASS_NAMES), "image_size": cfg["image_size"],
+        "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+        "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
+        "threshold": report["tau"] if report else 0.5,
+        "val_metrics": scalar_metrics(report) if report else {},
+        "epoch": epoch, "step": step, "carry": list(carry) if carry else None,
+        "best_score": best, "config": dict(cfg),
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def prune_epoch_files(ckpt_dir, keep):
+    if keep < 0:
+        return
+    files = sorted(Path(ckpt_dir).glob("epoch_*.pth"))
+    for f in files[:max(len(files) - keep, 0)]:
+        f.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------ logging
+METRIC_COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "f1", "precision", "recall", "tau", "f1_at_0.5",
+                  "macro_f1", "micro_f1", "map", "images_per_s", "epoch_s"]
+
+
+def scalar_metrics(report):
+    b, h = report["best"], report["half"]
+    return {"f1": b["f1"], "precision": b["precision"], "recall": b["recall"], "tau": report["tau"],
+            "f1_at_0.5": h["f1"], "macro_f1": b["macro_f1"], "micro_f1": b["micro_f1"], "map": report["map"]}
+
+
+def write_metrics_csv(path, rows):
+    """The whole file rewritten atomically each epoch: never a half-written row."""
+    import io
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for row in rows:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_metrics_csv(path):
+    if not Path(path).is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def write_per_class(path, report):
+    b = report["best"]
+    lines = ["class_id,class,support,precision,recall,f1,ap"]
+    for c, name in enumerate(CLASS_NAMES):
+        ap = report["ap"][c]
+        lines.append(f"{c},{name},{b['support'][c]},{b['class_precision'][c]:.4f},{b['class_recall'][c]:.4f},"
+                     f"{b['class_f1'][c]:.4f},{'' if np.isnan(ap) else f'{ap:.4f}'}")
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def class_summary(report, k=5):
+    b = report["best"]
+    present = np.flatnonzero(b["support"] > 0)
+    order = present[np.argsort(-b["class_f1"][present], kind="stable")]
+    fmt = lambda cs: ", ".join(f"{CLASS_NAMES[c]} {b['class_f1'][c]:.2f} (n={b['support'][c]})" for c in cs)
+    return f"strongest: {fmt(order[:k])}\nweakest:   {fmt(order[::-1][:k])}"
+
+
+def epoch_line(epoch, epochs, row):
+    return (f"epoch {epoch:3d}/{epochs}  loss {row['train_loss']:.4f}/{row['val_loss']:.4f}  "
+            f"F1 {row['f1']:.4f} (P {row['precision']:.3f} R {row['recall']:.3f}) @tau {row['tau']:.2f}  "
+            f"F1@0.5 {row['f1_at_0.5']:.4f}  mAP {row['map']:.3f}  "
+            f"{row['images_per_s']:.0f} img/s  {row['epoch_s']:.1f}s")
+
+
+def make_writer(log_dir, purge_step=None):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # pragma: no cover
+        print("warning: tensorboard is not installed; no TensorBoard logs", file=sys.stderr)
+        return None
+    return SummaryWriter(str(log_dir), purge_step=purge_step)
+
+
+def log_tensorboard(writer, epoch, row, report):
+    if writer is None:
+        return
+    for key, value in row.items():
+        if key != "epoch":
+            writer.add_scalar(f"metrics/{key}", value, epoch)
+    for c, name in enumerate(CLASS_NAMES):
+        if report["best"]["support"][c] > 0:
+            writer.add_scalar(f"class_f1/{c:02d}_{name.replace(' ', '_')}", report["best"]["class_f1"][c], epoch)
+    writer.flush()
+
+
+# --------------------------------------------------------------------- demo
+DEMO_SHAPES = ("disc", "square", "triangle", "cross")
+DEMO_COLORS = ((230, 30, 30), (40, 200, 40), (40, 80, 240), (240, 220, 30), (230, 40, 230), (40, 220, 230))
+DEMO_CLASSES = len(DEMO_SHAPES) * len(DEMO_COLORS)   # class ids 0-23: a shape in a colour each
+
+
+def draw_shape(draw, shape, box, color):
+    x0, y0, x1, y1 = box
+    cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2
+    t = max(2, int(r / 3))
+    if shape == "disc":
+        draw.ellipse(box, fill=color)
+    elif shape == "square":
+        draw.rectangle(box, fill=color)
+    elif shape == "triangle":
+        draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=color)
+    elif shape == "cross":
+        draw.rectangle((cx - t / 2, y0, cx + t / 2, y1), fill=color)
+        draw.rectangle((x0, cy - t / 2, x1, cy + t / 2), fill=color)
+    elif shape == "ring":
+        draw.ellipse(box, outline=color, width=t)
+    elif shape == "bar":
+        draw.rectangle((x0, cy - t, x1, cy + t), fill=color)
+    elif shape == "diamond":
+        draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=color)
+    else:
+        draw.rectangle(box, outline=color, width=t)
+
+
+def make_demo_dataset(root, n_train=1200, n_test=200, seed=0):
+    """A small dataset in the challenge layout: classes 0-23 are coloured shapes with
+    long-tailed frequencies (the rarest ~20 times rarer than the commonest), 1-3 objects per
+    image, sizes like the course's (long side 96 px here), a few grayscale images, and test
+    images with labels in labels/test so a predictions.json can be scored."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    freq = 1.0 / np.arange(1, DEMO_CLASSES + 1) ** 1.0
+    freq /= freq.sum()
+    for split, count in (("train", n_train), ("test", n_test)):
+        img_dir = root / "images" / f"{split}-resized"
+        lbl_dir = root / "labels" / split
+        img_dir.mkdir(parents=True, exist_ok=True)
+        lbl_dir.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            stem = f"{split[:2]}{seed:02d}{i:06d}"
+            k = int(rng.integers(1, 4))
+            classes = sorted(set(rng.choice(DEMO_CLASSES, size=k, p=freq).tolist()))
+            long_side, short = 96, int(rng.integers(48, 97))
+            w, h = (long_side, short) if rng.random() < 0.6 else (short, long_side)
+            bg = tuple(int(v) for v in rng.integers(0, 60, 3))
+            img = Image.new("RGB", (w, h), bg)
+            draw = ImageDraw.Draw(img)
+            for c in classes:
+                size = int(rng.integers(max(14, min(w, h) // 3), max(15, min(w, h) * 2 // 3)))
+                x0, y0 = int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))
+                draw_shape(draw, DEMO_SHAPES[c % len(DEMO_SHAPES)], (x0, y0, x0 + size, y0 + size),
+                           DEMO_COLORS[c // len(DEMO_SHAPES)])
+            if rng.random() < 0.03:
+                img = img.convert("L")
+            img.save(img_dir / f"{stem}.jpg", quality=90)
+            (lbl_dir / f"{stem}.cls").write_text("".join(f"{c}\n" for c in classes))
+    return root
+
+
+def run_demo(cfg):
+    """--demo: build demo-data/ if absent, train with DEMO_OVERRIDES, export and score."""
+    t0 = time.time()
+    demo_dir = Path(cfg["demo_dir"])
+    if not (demo_dir / "labels" / "train").is_dir():
+        print(f"demo: generating a synthetic dataset in {demo_dir}/ ...")
+        make_demo_dataset(demo_dir)
+    given = {k for k, v in cfg.items() if v != globals()[k.upper()]}
+    for key, value in DEMO_OVERRIDES.items():
+        if key not in given:
+            cfg[key] = value
+    cfg["data_dir"], cfg["demo"] = str(demo_dir), False
+    result = train(cfg)
+    import MS_COCO_test
+    out = Path(cfg["output_dir"]) / result["run_id"] / "predictions.json"
+    MS_COCO_test.main(["--ckpt", str(result["best_path"]), "--test-dir", str(demo_dir / "images" / "test-resized"),
+                       "--out", str(out), "--labels", str(demo_dir / "labels" / "test"), "--device", cfg["device"]])
+    print(f"demo: validation challenge F1 {result['best_score']:.4f} (tau {result['threshold']:.2f}); "
+          f"predictions in {out}; wall time {time.time() - t0:.0f}s")
+    return result
+
+
+# --------------------------------------------------------------------- main
+def new_run_id():
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def prepare_run(cfg):
+    """Run id, folders and starting state, fresh or from --resume."""
+    resume = load_checkpoint(cfg["resume"]) if cfg["resume"] else None
+    if resume:
+        keep = {"resume", "epochs", "device", "loader_threads", "compile", "data_on_gpu", "keep_epochs"}
+        given = {k: v for k, v in cfg.items() if k in keep}
+        cfg.update(resume["config"])
+        cfg.update(given)
+        run_id = resume["run_id"]
+    else:
+        run_id = cfg["run_id"] or new_run_id()
+    dirs = {name: Path(cfg[f"{name}_dir"]) / run_id for name in ("checkpoint", "output", "runs")}
+    if not resume and any((d / "metrics.csv").exists() or (d / "last.pth").exists() for d in dirs.values()):
+        raise UserError(f"run {run_id} already exists: resume it with --resume "
+                        f"{dirs['checkpoint'] / 'last.pth'} or pick another --run-id")
+    for d in dirs.values():
+        d.mkdir(parents=True, exist_ok=True)
+    cfg["run_id"] = run_id
+    return run_id, dirs, resume
+
+
+def save_split(path, data, train_idx, val_idx, cfg):
+    split = {"seed": cfg["seed"], "val_fraction": cfg["val_fraction"],
+             "train": [data.stems[i] for i in train_idx], "val": [data.stems[i] for i in val_idx]}
+    atomic_write_text(path, json.dumps(split, indent=0))
+
+
+def load_split(path, data):
+    split = json.loads(Path(path).read_text())
+    pos = {s: i for i, s in enumerate(data.stems)}
+    missing = [s for s in split["train"] + split["val"] if s not in pos]
+    if missing:
+        raise UserError(f"{path} names {len(missing)} image(s) no longer in the data, e.g. {missing[:3]}: "
+                        f"the dataset changed since this run started")
+    return np.array([pos[s] for s in split["train"]], int), np.array([pos[s] for s in split["val"]], int)
+
+
+def place_images(images, device, cfg, log):
+    """The uint8 training images on the GPU when they fit with room to spare (no host
+    traffic at all during training), else left in (pinned) host memory / the memory map."""
+    if device.type != "cuda" or not cfg["data_on_gpu"]:
+        return images
+    free, _ = torch.cuda.mem_get_info(device)
+    if images.nbytes < 0.5 * free:
+        log(f"data: {images.nbytes / 2**30:.1f} GiB of uint8 images kept on the GPU")
+        return torch.from_numpy(np.ascontiguousarray(images)).to(device)
+    return images
+
+
+def train(cfg, log=print):
+    """The whole training run; returns a summary dict (run_id, best score, paths)."""
+    run_id, dirs, resume = prepare_run(cfg)
+    device = pick_device(cfg["device"])
+    torch.manual_seed(cfg["seed"])
+    data = load_train_set(cfg, log)
+    split_path = dirs["output"] / "split.json"
+    if resume and split_path.is_file():
+        train_idx, val_idx = load_split(split_path, data)
+    else:
+        usable = usable_rows(data)
+        train_idx, val_idx = (usable[i] for i in make_split(data.labels[usable], cfg["val_fraction"], cfg["seed"]))
+        save_split(split_path, data, train_idx, val_idx, cfg)
+    if len(val_idx) == 0 or len(train_idx) == 0:
+        raise UserError(f"{len(data.stems)} images are too few for a train/validation split; add images "
+                        f"or raise --val-fraction")
+    atomic_write_text(dirs["output"] / "config.json", json.dumps(cfg, indent=2))
+    log(f"run {run_id}: {len(train_idx)} train / {len(val_idx)} val images, {cfg['arch']} "
+        f"({cfg['weights']}) at {cfg['image_size']}px on {device}, batch {cfg['batch_size']}, {cfg['epochs']} epochs")
+
+    model = build_model(cfg["arch"], "none" if resume else cfg["weights"], NUM_CLASSES, cfg["dropout"], cfg["freeze"])
+    if resume:
+        model.load_state_dict(resume["model"])
+    model.to(device)
+    if device.type == "cuda" and cfg["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer, scheduler = build_optimizer(cfg, model), None
+    scheduler = build_scheduler(cfg, optimizer)
+    start_epoch, start_step, carry, best = 1, 0, None, -1.0
+    if resume:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        torch.set_rng_state(resume["torch_rng"])
+        best = resume["best_score"]
+        if resume["step"]:
+            start_epoch, start_step, carry = resume["epoch"], resume["step"], tuple(resume["carry"])
+        else:
+            start_epoch = resume["epoch"] + 1
+        log(f"resuming run {run_id} at epoch {start_epoch}" + (f", step {start_step}" if start_step else "")
+            + f" (best F1 so far {best:.4f})")
+    net = torch.compile(model) if cfg["compile"] and device.type == "cuda" else model
+
+    images, labels = place_images(data.images, device, cfg, log), data.labels
+    if isinstance(images, torch.Tensor):
+        labels = torch.from_numpy(np.asarray(labels)).to(device)
+    val_y = data.labels[val_idx]
+    taus = threshold_grid(cfg["threshold_min"], cfg["threshold_max"], cfg["threshold_step"])
+
+    metrics_path = dirs["output"] / "metrics.csv"
+    rows = [r for r in read_metrics_csv(metrics_path) if r["epoch"] < start_epoch]
+    writer = make_writer(dirs["runs"], purge_step=start_epoch if resume else None)
+    stop = StopFlag().install()
+    best_path = dirs["checkpoint"] / "best_model.pth"
+    last_path = dirs["checkpoint"] / "last.pth"
+    epoch = start_epoch
+
+    def save_interrupted(step, carry_now):
+        save_checkpoint(last_path, checkpoint_state(model, optimizer, scheduler, cfg, run_id, epoch, step,
+                                                    best, None, carry_now))
+
+    try:
+        for epoch in range(start_epoch, cfg["epochs"] + 1):
+            lr = optimizer.param_groups[0]["lr"]
+            try:
+                train_loss, seen, seconds = train_one_epoch(
+                    net, optimizer, images, labels, train_idx, device, cfg, epoch,
+                    start_step if epoch == start_epoch else 0, carry if epoch == start_epoch else None,
+                    stop, save_interrupted)
+            except torch.cuda.OutOfMemoryError:
+                raise UserError(f"CUDA ran out of memory at batch size {cfg['batch_size']}: try "
+                                f"--batch-size {max(cfg['batch_size'] // 2, 1)}") from None
+            t_val = time.time()
+            val_loss, probs = evaluate(net, images, data.labels, val_idx, device, cfg)
+            report = validation_report(val_y, probs, taus)
+            scheduler.step()
+            row = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "val_loss": val_loss,
+                   **scalar_metrics(report), "images_per_s": seen / max(seconds, 1e-9),
+                   "epoch_s": seconds + time.time() - t_val}
+            rows.append(row)
+            write_metrics_csv(metrics_path, rows)
+            log_tensorboard(writer, epoch, row, report)
+            log(epoch_line(epoch, cfg["epochs"], row))
+            state = checkpoint_state(model, optimizer, scheduler, cfg, run_id, epoch, 0, best, report, None)
+            if report["best"]["f1"] > best:
+                best = report["best"]["f1"]
+                state["best_score"] = best
+                save_checkpoint(best_path, state)
+                write_per_class(dirs["output"] / "per_class.csv", report)
+                best_report = report
+            state["best_score"] = best
+            save_checkpoint(dirs["checkpoint"] / f"epoch_{epoch:03d}.pth", state)
+            save_checkpoint(last_path, state)
+            prune_epoch_files(dirs["checkpoint"], cfg["keep_epochs"])
+    except StopRequested:
+        code = 130 if stop.signum == signal.SIGINT else 143
+        log(f"stopped during epoch {epoch}; state saved in {last_path}\nresume with:\n"
+            f"  python MS_COCO.py --resume {last_path}")
+        raise SystemExit(code)
+    finally:
+        stop.restore()
+        if writer is not None:
+            writer.close()
+    if "best_report" in locals():
+        log(f"best epoch F1 {best:.4f} at tau {best_report['tau']:.2f}\n{class_summary(best_report)}")
+    best_state = load_checkpoint(best_path) if best_path.is_file() else None
+    return {"run_id": run_id, "best_score": best, "best_path": best_path, "last_path": last_path,
+            "threshold": best_state["threshold"] if best_state else 0.5, "dirs": dirs}
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    try:
+        if cfg["demo"]:
+            run_demo(cfg)
+        else:
+            train(cfg)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Write predictions.json for the challenge's test images from a trained checkpoint.
+
+    python MS_COCO_test.py                                   # newest checkpoints/*/best_model.pth -> predictions.json
+    python MS_COCO_test.py --ckpt checkpoints/<run_id>/best_model.pth --out outputs/<run_id>/predictions.json
+    python MS_COCO_test.py --labels path/to/labels           # also score the predictions like the leaderboard
+    python MS_COCO_test.py --predictions predictions.json --labels path/to/labels   # score a file only
+
+The checkpoint carries everything needed: architecture, image size, normalisation and the
+threshold(s) tuned on validation. Preprocessing is imported from MS_COCO.py, never copied.
+The JSON maps every test image's stem to its class ids, ascending: {"000000000139": [56, 60], ...}.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import MS_COCO as M
+
+# ---------------------------------------------------------------- constants
+CKPT_PATH = ""                              # checkpoint to use ("" = newest CHECKPOINT_DIR/*/best_model.pth)
+CHECKPOINT_DIR = "checkpoints"              # where the newest run is looked for
+TEST_DIR = "ms-coco/images/test-resized"    # test images (images/test and nested folders are found too)
+OUT = "predictions.json"                    # output JSON (parent folders are created)
+LABELS = ""                                 # a labels folder (.cls files) to score the predictions against
+PREDICTIONS = ""                            # score this existing JSON against --labels instead of predicting
+BATCH_SIZE = 256                            # images per forward pass
+DEVICE = "auto"                             # auto (cuda when present) | cpu | cuda
+LOADER_THREADS = 0                          # decode threads (0 = one per core)
+
+
+def newest_checkpoint(checkpoint_dir):
+    found = sorted(Path(checkpoint_dir).glob("*/best_model.pth"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise M.UserError(f"no {checkpoint_dir}/*/best_model.pth found: train first (python MS_COCO.py) "
+                          f"or pass --ckpt PATH")
+    return found[-1]
+
+
+def find_test_dir(test_dir):
+    """The given folder, or the variants of the challenge layout around it."""
+    path = Path(test_dir)
+    nested = path / path.name
+    if nested.is_dir():
+        return nested
+    if path.is_dir():
+        return path
+    root = path.parent.parent if path.parent.name == "images" else path.parent
+    layout_root = root if (root / "images").is_dir() else None
+    if layout_root is not None:
+        found = M.find_layout(layout_root)["test_images"] if (layout_root / "labels").is_dir() else None
+        if found:
+            return found
+    raise M.UserError(f"test image folder {test_dir} does not exist: pass --test-dir")
+
+
+def predictions_dict(stems, pred):
+    """{stem: [class ids ascending]} from a boolean (N, 80) matrix."""
+    return {stem: [int(c) for c in np.flatnonzero(row)] for stem, row in zip(stems, pred)}
+
+
+def check_predictions(preds, stems):
+    """The submission's format, checked before writing: one key per test image, ids int 0-79, no duplicates."""
+    if set(preds) != set(stems) or len(preds) != len(stems):
+        missing, extra = set(stems) - set(preds), set(preds) - set(stems)
+        raise M.UserError(f"predictions do not match the test images: {len(missing)} missing, {len(extra)} extra")
+    for stem, ids in preds.items():
+        if not isinstance(stem, str) or not isinstance(ids, list):
+            raise M.UserError(f"bad entry for {stem!r}: expected a list of class ids")
+        if any(type(c) is not int or not 0 <= c < M.NUM_CLASSES for c in ids):
+            raise M.UserError(f"bad class id in the predictions of {stem}: {ids}")
+        if ids != sorted(set(ids)):
+            raise M.UserError(f"class ids of {stem} are not unique and ascending: {ids}")
+
+
+def write_predictions(path, preds, stems):
+    check_predictions(preds, stems)
+    M.atomic_write_text(path, json.dumps(preds, indent=1, ensure_ascii=False) + "\n")
+
+
+def read_predictions(path):
+    try:
+        preds = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise M.UserError(f"cannot read predictions {path}: {exc}") from None
+    if not isinstance(preds, dict):
+        raise M.UserError(f"{path} is not a JSON object of stem -> class ids")
+    return preds
+
+
+def score_predictions(preds, labels_dir):
+    """The challenge F1 (with P, R, macro and micro F1) of preds against a folder of .cls files."""
+    label_files = sorted(Path(labels_dir).glob("*.cls"))
+    if not label_files:
+        raise M.UserError(f"no .cls label files in {labels_dir}")
+    stems = [p.stem for p in label_files]
+    y_true = M.read_labels(labels_dir, stems)
+    y_pred = np.zeros_like(y_true, dtype=bool)
+    missing = 0
+    for i, stem in enumerate(stems):
+        ids = preds.get(stem)
+        if ids is None:
+            missing += 1
+            continue
+        y_pred[i, [c for c in ids if isinstance(c, int) and 0 <= c < M.NUM_CLASSES]] = True
+    scores = M.challenge_scores(y_true, y_pred)
+    scores["missing"] = missing
+    scores["images"] = len(stems)
+    return scores
+
+
+def print_scores(scores, labels_dir):
+    absent = M.NUM_CLASSES - scores["classes_present"]
+    print(f"score against {labels_dir} ({scores['images']} images"
+          + (f", {scores['missing']} without a prediction" if scores["missing"] else "")
+          + (f", {absent} classes absent from the labels and left out" if absent else "") + "):")
+    print(f"  challenge F1 {scores['f1']:.4f}  P {scores['precision']:.4f}  R {scores['recall']:.4f}  "
+          f"macro F1 {scores['macro_f1']:.4f}  micro F1 {scores['micro_f1']:.4f}")
+
+
+def predict_folder(state, test_dir, cfg):
+    """Probabilities for every image of test_dir; unreadable images get a row of NaN."""
+    paths = M.list_images(test_dir)
+    if not paths:
+        raise M.UserError(f"no test images (.jpg) in {test_dir}")
+    device = M.pick_device(cfg["device"])
+    model = M.model_from_checkpoint(state).to(device)
+    images, bad = M.decode_all(paths, state["image_size"], threads=cfg["loader_threads"], desc="test images")
+    probs = M.predict(model, images, device, cfg["batch_size"], amp=True, mean=state["mean"], std=state["std"])
+    for i, why in bad:
+        print(f"warning: {paths[i]} cannot be read ({why}); it gets an empty prediction", file=sys.stderr)
+        probs[i] = np.nan
+    return [p.stem for p in paths], probs
+
+
+def export(cfg):
+    ckpt = Path(cfg["ckpt_path"]) if cfg["ckpt_path"] else newest_checkpoint(cfg["checkpoint_dir"])
+    state = M.load_checkpoint(ckpt)
+    test_dir = find_test_dir(cfg["test_dir"])
+    print(f"checkpoint {ckpt} (run {state['run_id']}, epoch {state['epoch']}, {state['arch']}, "
+          f"validation F1 {state['val_metrics'].get('f1', float('nan')):.4f}); test images {test_dir}")
+    stems, probs = predict_folder(state, test_dir, cfg)
+    finite = np.isfinite(probs).all(1)
+    if (~finite).sum() > sum(np.isnan(probs).all(1)):
+        print(f"warning: {int((~finite).sum())} image(s) got non-finite scores; they get an empty prediction",
+              file=sys.stderr)
+    pred = M.binarize(np.where(finite[:, None], probs, 0.0), state["threshold"]) & finite[:, None]
+    preds = predictions_dict(stems, pred)
+    write_predictions(cfg["out"], preds, stems)
+    per_image = pred.sum(1)
+    print(f"wrote {cfg['out']}: {len(stems)} images, {per_image.mean():.2f} labels per image, "
+          f"{int((per_image == 0).sum())} with none (threshold {np.round(state['threshold'], 3).tolist() if np.ndim(state['threshold']) else state['threshold']})")
+    return preds
+
+
+def parse_config(argv=None):
+    parser = M.build_parser(sys.modules[__name__], "Write predictions.json from a trained checkpoint.")
+    parser.add_argument("--ckpt", dest="ckpt_path", default=CKPT_PATH, help="alias of --ckpt-path")
+    return vars(parser.parse_args(argv))
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    try:
+        if cfg["predictions"]:
+            if not cfg["labels"]:
+                raise M.UserError("--predictions needs --labels DIR to score against")
+            preds = read_predictions(cfg["predictions"])
+        else:
+            preds = export(cfg)
+        if cfg["labels"]:
+            scores = score_predictions(preds, cfg["labels"])
+            print_scores(scores, cfg["labels"])
+            return scores
+        return preds
+    except M.UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()
