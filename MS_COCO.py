@@ -42,8 +42,18 @@ from PIL import Image, ImageDraw
 try:  # a progress bar when one is installed; plain loops otherwise
     from tqdm import tqdm
 except ImportError:  # pragma: no cover
-    def tqdm(iterable=None, **kwargs):
-        return iterable
+    class tqdm:
+        def __init__(self, iterable=None, **kwargs):
+            self.iterable = iterable
+
+        def __iter__(self):
+            return iter(self.iterable)
+
+        def update(self, n=1):
+            pass
+
+        def close(self):
+            pass
 
 # ---------------------------------------------------------------- constants
 # Each one can be overridden on the command line as --name-with-dashes.
@@ -544,14 +554,32 @@ def build_model(arch=ARCH, weights=WEIGHTS, num_classes=NUM_CLASSES, dropout=DRO
         path = Path(weights)
         if not path.is_file():
             raise UserError(f"--weights {weights}: no such file (use imagenet, none, or a state_dict path)")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("model", state) if isinstance(state, dict) else state
-        missing, _ = model.load_state_dict(state, strict=False)
-        if len(missing) > 4:
-            raise UserError(f"--weights {weights} does not fit {arch}: {len(missing)} tensors missing")
+        state = load_weights_file(path, arch)
+        replace_head(model, num_classes, dropout)
+        own = model.state_dict()
+        fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        # an ImageNet-shaped file differs only in the classifier's weight and bias: that head stays new
+        if len(set(state) - set(fits)) > 2 or len(set(own) - set(fits)) > 2:
+            raise UserError(f"--weights {weights} does not fit {arch}: "
+                            f"{len(set(own) - set(fits))} of its tensors are missing or of another shape")
+        model.load_state_dict(fits, strict=False)
+        apply_freeze(model, freeze)
+        return model
     replace_head(model, num_classes, dropout)
     apply_freeze(model, freeze)
     return model
+
+
+def load_weights_file(path, arch):
+    """A state_dict from a local file: a plain state_dict or one of our checkpoints."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"--weights {path}: cannot be read as a torch state_dict ({type(exc).__name__})") from None
+    state = state.get("model", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"--weights {path}: not a state_dict of {arch} tensors")
+    return state
 
 
 def _head_parent(model):
@@ -1097,8 +1125,13 @@ def prepare_run(cfg):
     """Run id, folders and starting state, fresh or from --resume."""
     resume = load_checkpoint(cfg["resume"]) if cfg["resume"] else None
     if resume:
-        keep = {"resume", "epochs", "device", "loader_threads", "compile", "data_on_gpu", "keep_epochs"}
-        given = {k: v for k, v in cfg.items() if k in keep}
+        # The run's own settings come back; only these may be changed on resume, and only
+        # when given (differ from the defaults), so `--resume X` alone finishes the run as planned.
+        keep = {"epochs", "device", "loader_threads", "compile", "data_on_gpu", "keep_epochs", "data_dir",
+                "cache_dir", "cache"}
+        defaults = default_config()
+        given = {k: cfg[k] for k in keep if cfg[k] != defaults[k]}
+        given["resume"] = cfg["resume"]
         cfg.update(resume["config"])
         cfg.update(given)
         run_id = resume["run_id"]

@@ -1,0 +1,501 @@
+"""Throughput benchmark of MS_COCO.py's data path and training step, on real photos.
+
+    python bench.py                                    # 4000 images, ~3 min on 2 CPU cores (64 px, batch 64)
+    python bench.py --count 65000 --pil-images 8000    # the challenge's size (warm start measured at 65k)
+    python bench.py --help                             # every constant below, as --name-with-dashes
+    python -m pytest tests/test_bench.py               # a smoke run on a few synthetic images
+
+It replicates the JPEGs and .cls files of SOURCE_DIR (../shared/coco-sample: 2,664 real
+COCO photos, long side 224 px) under new names up to COUNT images, in the challenge layout
+under BENCH_DIR/ms-coco (once; reused while the count is right), then measures:
+
+- decode: building MS_COCO's uint8 cache (load_train_set, cold) against plain PIL
+  open + convert("RGB") + resize((S, S)) on the same files, single-threaded and with the same
+  number of threads; all files are read once beforehand so every side decodes from the OS
+  page cache. Warm start: the second load_train_set call (memory map).
+- training images/s over STEPS steps after WARMUP steps, same model (ARCH, no pretrained
+  weights), batch, optimizer and device: (a) ours = MS_COCO.train_one_epoch (BatchPrefetcher +
+  augment_batch + step) on the cache; (b) the course notebook's way: a Dataset opening each JPEG
+  with PIL, torchvision transforms per image, a DataLoader with WORKERS processes; (c) the
+  model alone on random tensors already on the device (the ceiling).
+- peak host RSS (per phase and whole run) and peak GPU memory (null on CPU).
+- one MS_COCO.sweep_thresholds over a 13000 x 80 random score matrix.
+
+Prints a table and writes OUT (JSON). On CUDA: bf16 autocast and channels_last, as MS_COCO does.
+
+Figures measured on 2 cores of an AMD EPYC VM (24 GB RAM, no GPU), torch 2.15 CPU, 64 px,
+batch 64, resnet18 (see the report of the change that added this file for the full tables):
+cache build ~1.9x plain PIL at the same thread count and ~3.6x single-threaded PIL; warm
+start ~0.3 s at 65,000 images; ours ~0.9x the model-alone ceiling; sweep ~0.1 s.
+"""
+
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import MS_COCO
+
+# ---------------------------------------------------------------- constants
+# Each one can be overridden on the command line as --name-with-dashes.
+SOURCE_DIR = "../shared/coco-sample/ms-coco"   # real photos in the challenge layout, replicated up to COUNT
+BENCH_DIR = "bench-data"        # the replicated dataset (BENCH_DIR/ms-coco) and its cache (BENCH_DIR/cache)
+COUNT = 4000                    # training images in the replicated dataset (65000 = the challenge's size)
+LINK = False                    # hard-link the replicas instead of copying them (copies when linking fails)
+SIZE = "auto"                   # px, square training size: auto = 224 on CUDA, 64 on CPU
+BATCH = "auto"                  # images per step: auto = 256 on CUDA, 64 on CPU
+DEVICE = "auto"                 # auto (cuda when present) | cpu | cuda | cuda:1 ...
+ARCH = "resnet18"               # model of the three training pipelines (no pretrained weights)
+THREADS = 0                     # decode threads of the cache build and the threaded PIL run (0 = one per core)
+WORKERS = 0                     # DataLoader worker processes of the baseline pipeline (0 = one per core)
+PIL_IMAGES = 0                  # images decoded by each plain-PIL run, spread over the set (0 = all COUNT)
+WARMUP = 5                      # untimed training steps before each timed run
+STEPS = 30                      # timed training steps per pipeline
+SWEEP_ROWS = 13000              # rows of the random score matrix given to the threshold sweep
+SWEEP_REPEATS = 5               # timed sweeps; the median is reported
+SEED = 0                        # replica order, batch order, random tensors
+OUT = "outputs/bench.json"      # where the figures are written as JSON
+
+# The challenge's training set size, which the warm start is extrapolated to; the targets of the issue.
+FULL_COUNT = 65000
+TARGETS = {"cache_vs_pil": 2.0, "warm_start_full_s": 15.0, "sweep_s": 1.0}
+
+
+# ------------------------------------------------------------------ helpers
+def resolve(value, cuda_value, cpu_value, device, name):
+    """An 'auto' constant resolved for the device, else the integer given."""
+    if str(value) == "auto":
+        return cuda_value if device.type == "cuda" else cpu_value
+    try:
+        return int(value)
+    except ValueError:
+        raise MS_COCO.UserError(f"--{name} {value!r}: an integer or auto") from None
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_rss():
+    """Restart the kernel's peak-RSS counter (VmHWM) of this process; False where not allowed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb():
+    """Peak resident memory of this process since the last reset_peak_rss, in MB (VmHWM)."""
+    try:
+        found = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())
+        if found:
+            return int(found.group(1)) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_gpu_mb(device):
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def hardware(device):
+    cpu = platform.processor() or platform.machine()
+    try:
+        found = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
+        cpu = found.group(1).strip() if found else cpu
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": round(os.sysconf("SC_PAGE_SIZE")
+                                                                   * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+# ------------------------------------------------------------------ dataset
+def replicate_dataset(source_dir, dest_dir, count, link=False, seed=SEED, log=print):
+    """dest_dir/images/train-resized/bNNNNNN.jpg and dest_dir/labels/train/bNNNNNN.cls for
+    NNNNNN < count, cycling over the source's labelled images. Files already there are kept
+    (a run with a larger count only adds), extra ones removed. Returns a summary dict."""
+    layout = MS_COCO.find_layout(source_dir)
+    stems, paths = MS_COCO.pair_images_and_labels(layout["train_images"], layout["train_labels"])
+    img_dir, lbl_dir = Path(dest_dir) / "images" / "train-resized", Path(dest_dir) / "labels" / "train"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    lbl_dir.mkdir(parents=True, exist_ok=True)
+    order = np.random.default_rng(seed).permutation(len(stems))
+    want = {f"b{i:06d}": order[i % len(stems)] for i in range(count)}
+    t0, added, linked = time.time(), 0, 0
+    for folder, suffix in ((img_dir, ".jpg"), (lbl_dir, ".cls")):
+        for p in folder.iterdir():
+            if p.suffix != suffix or p.stem not in want:
+                p.unlink()
+    have_img = {p.stem for p in img_dir.iterdir()}
+    have_lbl = {p.stem for p in lbl_dir.iterdir()}
+    for name, k in want.items():
+        if name not in have_img:
+            linked += place_file(paths[k], img_dir / f"{name}.jpg", link)
+            added += 1
+        if name not in have_lbl:
+            shutil.copyfile(Path(layout["train_labels"]) / f"{stems[k]}.cls", lbl_dir / f"{name}.cls")
+    seconds = time.time() - t0
+    if added:
+        log(f"dataset: {added} images added to {img_dir} ({linked} hard links) in {seconds:.1f}s")
+    nbytes = sum(p.stat().st_size for p in img_dir.iterdir())
+    return {"dir": str(dest_dir), "count": count, "sources": len(stems), "added": added, "linked": linked,
+            "jpeg_mb": nbytes / 2**20, "build_s": seconds}
+
+
+def place_file(src, dst, link):
+    """Hard link (when asked and possible) or copy src to dst via a temporary name, so an
+    interrupted run never leaves a truncated file that looks complete. True when linked."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    linked = False
+    if link:
+        try:
+            os.link(src, tmp)
+            linked = True
+        except OSError:
+            pass
+    if not linked:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+    return linked
+
+
+def read_files(paths):
+    """Read every file once so later timings decode from the page cache, not the disk."""
+    for p in paths:
+        with open(p, "rb") as f:
+            while f.read(1 << 20):
+                pass
+
+
+# ------------------------------------------------------------------- decode
+def pil_decode(path, size):
+    """The plain way: open, convert to RGB, resize to (size, size) with Pillow's default filter."""
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB").resize((size, size)), np.uint8).transpose(2, 0, 1)
+
+
+def time_pil(paths, size, threads):
+    """Images/s of pil_decode over paths into one array, with a thread pool when threads > 1."""
+    out = np.empty((len(paths), 3, size, size), np.uint8)
+
+    def work(i):
+        out[i] = pil_decode(paths[i], size)
+
+    t0 = time.perf_counter()
+    if threads > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(work, range(len(paths))))
+    else:
+        for i in range(len(paths)):
+            work(i)
+    return len(paths) / (time.perf_counter() - t0)
+
+
+def cache_files(cache_dir):
+    return {p.name: p.stat().st_mtime_ns for p in Path(cache_dir).glob("*.npy")} if Path(cache_dir).is_dir() else {}
+
+
+def bench_decode(cfg, paths, pil_images, threads, log=print):
+    """Plain PIL (1 thread, `threads` threads), then MS_COCO's cache build (cold) and start
+    from the cache (warm). Returns (figures, the warm ImageSet)."""
+    size, cache_dir = cfg["image_size"], Path(cfg["cache_dir"])
+    read_files(paths)
+    sample = [paths[i] for i in np.linspace(0, len(paths) - 1, min(pil_images or len(paths), len(paths))).astype(int)]
+    reset_peak_rss()
+    pil_1 = time_pil(sample, size, 1)
+    pil_n = time_pil(sample, size, threads)
+    log(f"decode: plain PIL {pil_1:.0f} img/s (1 thread), {pil_n:.0f} img/s ({threads} threads) on {len(sample)} images")
+    pil_rss = peak_rss_mb()
+
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    quiet = []
+    reset_peak_rss()
+    t0 = time.perf_counter()
+    cold = MS_COCO.load_train_set(cfg, log=quiet.append)
+    cold_s = time.perf_counter() - t0
+    cold_rss = peak_rss_mb()
+    n = len(cold.stems)
+    del cold
+    log(f"decode: cache build {n / cold_s:.0f} img/s ({n} images, {threads} threads, {cold_s:.1f}s)")
+
+    before = cache_files(cache_dir)
+    reset_peak_rss()
+    t0 = time.perf_counter()
+    warm = MS_COCO.load_train_set(cfg, log=quiet.append)
+    warm_s = time.perf_counter() - t0
+    warm_rss = peak_rss_mb()
+    hit = bool(before) and cache_files(cache_dir) == before
+    if not hit:
+        log("warning: the second load_train_set call rebuilt the cache instead of memory-mapping it")
+    log(f"decode: warm start {warm_s:.2f}s from the cache ({'memory-mapped' if hit else 'REBUILT'})")
+    cache_mb = sum(p.stat().st_size for p in cache_dir.glob("*.npy")) / 2**20
+    figures = {
+        "images": n, "size": size, "threads": threads, "pil_images": len(sample),
+        "pil_1thread_img_s": pil_1, "pil_threads_img_s": pil_n,
+        "cache_build_s": cold_s, "cache_build_img_s": n / cold_s,
+        "cache_vs_pil_1thread": (n / cold_s) / pil_1, "cache_vs_pil_threads": (n / cold_s) / pil_n,
+        "warm_start_s": warm_s, "warm_cache_hit": hit, "cache_mb": cache_mb,
+        "warm_start_full_s": warm_s * FULL_COUNT / n, "warm_start_full_extrapolated": n != FULL_COUNT,
+        "peak_rss_mb": {"pil": pil_rss, "cache_build": cold_rss, "warm_start": warm_rss},
+    }
+    return figures, warm
+
+
+# ---------------------------------------------------------------- training
+class PilDataset(torch.utils.data.Dataset):
+    """The course notebook's pipeline: each item opens its JPEG and runs torchvision transforms."""
+
+    def __init__(self, paths, labels, size, crop_scale_min):
+        from torchvision import transforms as T
+        self.paths, self.labels = [str(p) for p in paths], np.asarray(labels, np.float32)
+        self.transform = T.Compose([
+            T.RandomResizedCrop(size, scale=(crop_scale_min, 1.0)), T.RandomHorizontalFlip(),
+            T.ToTensor(), T.Normalize(MS_COCO.IMAGENET_MEAN, MS_COCO.IMAGENET_STD)])
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        with Image.open(self.paths[i]) as img:
+            x = self.transform(img.convert("RGB"))
+        return x, torch.from_numpy(self.labels[i])
+
+
+def fresh_model(cfg, device, seed):
+    """The same initial model for each pipeline (ARCH, no weights), set up as MS_COCO.train does."""
+    torch.manual_seed(seed)
+    model = MS_COCO.build_model(cfg["arch"], "none").to(device)
+    if device.type == "cuda" and cfg["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    return model, MS_COCO.build_optimizer(cfg, model)
+
+
+def train_step(model, optimizer, criterion, x, y, device, cfg):
+    """One optimisation step like MS_COCO.train_one_epoch's, loss read back each step as it does."""
+    if device.type == "cuda" and cfg["channels_last"]:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with MS_COCO.autocast(device, cfg["amp"]):
+        loss = criterion(model(x).float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def pick_rows(rows, n, rng):
+    return rng.choice(rows, n, replace=n > len(rows))
+
+
+def bench_ours(cfg, data, rows, device, warmup, steps, seed, log=print):
+    """MS_COCO.train_one_epoch on the cache, images placed as MS_COCO.train places them; its
+    own images/s (images seen / epoch seconds) of a second call over exactly `steps` batches."""
+    rng = np.random.default_rng(seed)
+    images = MS_COCO.place_images(data.images, device, cfg, log)
+    labels = torch.from_numpy(np.asarray(data.labels)).to(device) if isinstance(images, torch.Tensor) else data.labels
+    model, optimizer = fresh_model(cfg, device, seed)
+    batch = cfg["batch_size"]
+    MS_COCO.train_one_epoch(model, optimizer, images, labels, pick_rows(rows, warmup * batch, rng), device, cfg, 0)
+    sync(device)
+    _, seen, seconds = MS_COCO.train_one_epoch(model, optimizer, images, labels,
+                                               pick_rows(rows, steps * batch, rng), device, cfg, 1)
+    sync(device)
+    return seen / seconds
+
+
+def bench_baseline(cfg, paths, labels, rows, device, warmup, steps, workers, seed):
+    """The notebook's Dataset + DataLoader with `workers` processes; images/s over `steps`
+    batches after `warmup` (worker start-up is in the warm-up)."""
+    rng = np.random.default_rng(seed)
+    batch = cfg["batch_size"]
+    dataset = PilDataset(paths, labels, cfg["image_size"], cfg["crop_scale_min"])
+    order = pick_rows(rows, (warmup + steps) * batch, rng).tolist()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=order, num_workers=workers,
+                                         pin_memory=device.type == "cuda", drop_last=True)
+    model, optimizer = fresh_model(cfg, device, seed)
+    model.train()
+    criterion = nn.BCEWithLogitsLoss()
+    it = iter(loader)
+    try:
+        for _ in range(warmup):
+            x, y = next(it)
+            train_step(model, optimizer, criterion, x.to(device, non_blocking=True), y.to(device, non_blocking=True),
+                       device, cfg)
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            x, y = next(it)
+            train_step(model, optimizer, criterion, x.to(device, non_blocking=True), y.to(device, non_blocking=True),
+                       device, cfg)
+        sync(device)
+        return steps * batch / (time.perf_counter() - t0)
+    finally:
+        del it
+
+
+def bench_model_only(cfg, device, warmup, steps, seed):
+    """The ceiling: the same step on one random batch already on the device."""
+    model, optimizer = fresh_model(cfg, device, seed)
+    model.train()
+    criterion = nn.BCEWithLogitsLoss()
+    g = torch.Generator().manual_seed(seed)
+    b, s = cfg["batch_size"], cfg["image_size"]
+    x = torch.randn(b, 3, s, s, generator=g).to(device)
+    y = (torch.rand(b, MS_COCO.NUM_CLASSES, generator=g) < 0.05).float().to(device)
+    for _ in range(warmup):
+        train_step(model, optimizer, criterion, x, y, device, cfg)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        train_step(model, optimizer, criterion, x, y, device, cfg)
+    sync(device)
+    return steps * b / (time.perf_counter() - t0)
+
+
+def bench_training(cfg, data, paths, device, warmup, steps, workers, seed, log=print):
+    """The three pipelines on the same model, batch and device; rows from MS_COCO's own split."""
+    usable = MS_COCO.usable_rows(data)
+    rows = usable[MS_COCO.make_split(data.labels[usable], cfg["val_fraction"], cfg["seed"])[0]]
+    result, rss, gpu = {}, {}, {}
+    runs = (("ours", lambda: bench_ours(cfg, data, rows, device, warmup, steps, seed, log)),
+            ("baseline", lambda: bench_baseline(cfg, paths, data.labels, rows, device, warmup, steps, workers, seed)),
+            ("model_only", lambda: bench_model_only(cfg, device, warmup, steps, seed)))
+    for name, run in runs:
+        reset_peak_rss()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        result[f"{name}_img_s"] = run()
+        rss[name], gpu[name] = peak_rss_mb(), peak_gpu_mb(device)
+        log(f"train: {name} {result[f'{name}_img_s']:.0f} img/s")
+    result.update(ours_over_model=result["ours_img_s"] / result["model_only_img_s"],
+                  ours_over_baseline=result["ours_img_s"] / result["baseline_img_s"],
+                  batch=cfg["batch_size"], size=cfg["image_size"], arch=cfg["arch"], warmup=warmup, steps=steps,
+                  workers=workers, train_rows=len(rows), peak_rss_mb=rss, peak_gpu_mb=gpu)
+    return result
+
+
+# ------------------------------------------------------------------- sweep
+def bench_sweep(rows, repeats, seed):
+    """Seconds of MS_COCO.sweep_thresholds over a rows x 80 random score matrix, random labels."""
+    rng = np.random.default_rng(seed)
+    probs = rng.random((rows, MS_COCO.NUM_CLASSES), dtype=np.float32)
+    labels = (rng.random((rows, MS_COCO.NUM_CLASSES)) < 0.05).astype(np.uint8)
+    taus = MS_COCO.threshold_grid()
+    times = []
+    for _ in range(max(repeats, 1)):
+        t0 = time.perf_counter()
+        MS_COCO.sweep_thresholds(labels, probs, taus)
+        times.append(time.perf_counter() - t0)
+    return {"rows": rows, "classes": MS_COCO.NUM_CLASSES, "thresholds": len(taus),
+            "seconds": statistics.median(times), "seconds_min": min(times), "repeats": len(times)}
+
+
+# ------------------------------------------------------------------- report
+def table(r):
+    """The figures as an aligned text table: metric, value, target, verdict."""
+    d, t, s, m = r["decode"], r["train"], r["sweep"], r["memory"]
+    c = r["config"]
+
+    def ok(good):
+        return "ok" if good else "MISS"
+
+    gpu = "n/a (cpu)" if m["peak_gpu_mb"] is None else f"{m['peak_gpu_mb']:.0f} MB"
+    full = f"warm start at {FULL_COUNT} images" + (" (linear extrapolation)" if d["warm_start_full_extrapolated"] else "")
+    rows = [
+        (f"decode: cache build, {d['threads']} threads (cold, {d['images']} img)", f"{d['cache_build_img_s']:.0f} img/s", "", ""),
+        (f"decode: plain PIL, 1 thread ({d['pil_images']} img)", f"{d['pil_1thread_img_s']:.0f} img/s", "", ""),
+        (f"decode: plain PIL, {d['threads']} threads ({d['pil_images']} img)", f"{d['pil_threads_img_s']:.0f} img/s", "", ""),
+        ("decode: cache build / PIL 1 thread", f"{d['cache_vs_pil_1thread']:.2f}x",
+         f">= {TARGETS['cache_vs_pil']:g}x", ok(d["cache_vs_pil_1thread"] >= TARGETS["cache_vs_pil"])),
+        (f"decode: cache build / PIL {d['threads']} threads", f"{d['cache_vs_pil_threads']:.2f}x",
+         f">= {TARGETS['cache_vs_pil']:g}x", ok(d["cache_vs_pil_threads"] >= TARGETS["cache_vs_pil"])),
+        (f"cache build wall time ({d['images']} img)", f"{d['cache_build_s']:.1f} s", "", ""),
+        (f"warm start, {d['images']} images (memory map)", f"{d['warm_start_s']:.2f} s", "", ""),
+        (full, f"{d['warm_start_full_s']:.2f} s", f"< {TARGETS['warm_start_full_s']:g} s",
+         ok(d["warm_start_full_s"] < TARGETS["warm_start_full_s"])),
+        ("train: (a) ours: cache + BatchPrefetcher + augment_batch", f"{t['ours_img_s']:.0f} img/s", "", ""),
+        (f"train: (b) baseline: PIL Dataset + DataLoader({t['workers']} workers)", f"{t['baseline_img_s']:.0f} img/s", "", ""),
+        ("train: (c) model alone, random tensors on device", f"{t['model_only_img_s']:.0f} img/s", "", ""),
+        ("train: a / c (share of the ceiling)", f"{t['ours_over_model']:.2f}", "", ""),
+        ("train: a / b (speed-up over the notebook)", f"{t['ours_over_baseline']:.2f}x", "", ""),
+        ("peak host RSS, whole run (ru_maxrss)", f"{m['peak_rss_mb']:.0f} MB", "", ""),
+        ("peak host RSS, DataLoader workers (largest)", f"{m['peak_rss_children_mb']:.0f} MB", "", ""),
+        ("peak GPU memory (max_memory_allocated)", gpu, "", ""),
+        (f"threshold sweep {s['rows']}x{s['classes']}, {s['thresholds']} taus (median)", f"{s['seconds']:.3f} s",
+         f"< {TARGETS['sweep_s']:g} s", ok(s["seconds"] < TARGETS["sweep_s"])),
+    ]
+    head = (f"bench: {c['count']} images at {c['size']}px, batch {c['batch']}, {c['arch']} on {r['device']} "
+            f"({r['hardware']['cores']} cores, {r['hardware']['cpu']}), torch {r['hardware']['torch']}")
+    w0, w1, w2 = (max(len(row[i]) for row in rows) for i in range(3))
+    lines = [head, f"{'metric':<{w0}}  {'value':>{w1}}  {'target':<{w2}}"]
+    lines += [f"{a:<{w0}}  {b:>{w1}}  {c_:<{w2}}  {v}".rstrip() for a, b, c_, v in rows]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------- main
+def run(args, log=print):
+    device = MS_COCO.pick_device(args["device"])
+    size = resolve(args["size"], 224, 64, device, "size")
+    batch = resolve(args["batch"], 256, 64, device, "batch")
+    threads = args["threads"] or os.cpu_count() or 1
+    workers = args["workers"] or os.cpu_count() or 1
+    root = Path(args["bench_dir"])
+    cfg = MS_COCO.default_config()
+    cfg.update(data_dir=str(root / "ms-coco"), cache_dir=str(root / "cache"), cache=True, max_images=0,
+               image_size=size, batch_size=batch, arch=args["arch"], weights="none", loader_threads=threads,
+               device=str(device), seed=args["seed"])
+    t_start = time.time()
+    reset_peak_rss()
+    log(f"bench: {args['count']} images at {size}px, batch {batch}, {args['arch']} on {device}")
+    dataset = replicate_dataset(args["source_dir"], cfg["data_dir"], args["count"], args["link"],
+                                args["seed"], log)
+    paths = MS_COCO.list_images(Path(cfg["data_dir"]) / "images" / "train-resized")
+    decode, data = bench_decode(cfg, paths, args["pil_images"], threads, log)
+    train = bench_training(cfg, data, paths, device, args["warmup"], args["steps"], workers, args["seed"], log)
+    sweep = bench_sweep(args["sweep_rows"], args["sweep_repeats"], args["seed"])
+    gpu = [v for v in train["peak_gpu_mb"].values() if v is not None]
+    memory = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              "peak_rss_children_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+              "peak_gpu_mb": max(gpu) if gpu else None,
+              "phases_rss_mb": {**{f"decode_{k}": v for k, v in decode["peak_rss_mb"].items()},
+                                **{f"train_{k}": v for k, v in train["peak_rss_mb"].items()}}}
+    return {"device": str(device), "hardware": hardware(device),
+            "config": {**args, "size": size, "batch": batch, "threads": threads, "workers": workers},
+            "dataset": dataset, "decode": decode, "train": train, "memory": memory, "sweep": sweep,
+            "targets": TARGETS, "wall_s": time.time() - t_start}
+
+
+def main(argv=None):
+    parser = MS_COCO.build_parser(sys.modules[__name__], "Benchmark MS_COCO.py's data path and training step.")
+    args = vars(parser.parse_args(argv))
+    try:
+        result = run(args)
+    except MS_COCO.UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2)
+    print(table(result))
+    MS_COCO.atomic_write_text(args["out"], json.dumps(result, indent=2))
+    print(f"figures written to {args['out']} (wall time {result['wall_s']:.0f}s)")
+    return result
+
+
+if __name__ == "__main__":
+    main()

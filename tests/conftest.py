@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny datasets generated on the fly and a fast CPU training config."""
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parent / "data"
+sys.path.insert(0, str(ROOT))
+
+import MS_COCO  # noqa: E402
+
+
+def make_tiny_dataset(root, n_train=48, n_test=8, seed=0):
+    """The demo generator at a few dozen images (96 px long side, long-tailed, a grayscale one)."""
+    root = MS_COCO.make_demo_dataset(root, n_train=n_train, n_test=n_test, seed=seed)
+    # make sure at least one grayscale image is present whatever the random draw gave
+    from PIL import Image
+    first = sorted((root / "images" / "train-resized").glob("*.jpg"))[0]
+    Image.open(first).convert("L").save(first, quality=90)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_source(tmp_path_factory):
+    return make_tiny_dataset(tmp_path_factory.mktemp("tiny") / "ms-coco")
+
+
+@pytest.fixture
+def tiny_data(tiny_source, tmp_path):
+    """A private copy of the tiny dataset (tests may damage it)."""
+    dst = tmp_path / "ms-coco"
+    shutil.copytree(tiny_source, dst)
+    return dst
+
+
+def tiny_config(tmp_path, data_dir, **overrides):
+    """Settings for a seconds-long CPU run: 32 px, no pretrained weights, every output under tmp_path."""
+    cfg = MS_COCO.default_config()
+    cfg.update(data_dir=str(data_dir), weights="none", image_size=32, batch_size=8, epochs=2, lr=2e-3,
+               device="cpu", loader_threads=1, keep_epochs=-1, run_id="t",
+               checkpoint_dir=str(tmp_path / "checkpoints"), output_dir=str(tmp_path / "outputs"),
+               runs_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"))
+    cfg.update(overrides)
+    return cfg
+
+
+def config_argv(cfg):
+    """The command line that reproduces a config dict (only the keys that differ from the defaults)."""
+    defaults = MS_COCO.default_config()
+    argv = []
+    for key, value in cfg.items():
+        if value == defaults[key]:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + key.replace("_", "-"))
+        else:
+            argv += [flag, str(value)]
+    return argv
