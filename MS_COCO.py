@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 import warnings
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,6 +194,11 @@ def list_images(folder):
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
 
+def list_labels(folder):
+    """The .cls files of a folder; hidden ones (macOS ._ copies) are skipped, like hidden images."""
+    return sorted(p for p in Path(folder).glob("*.cls") if not p.name.startswith("."))
+
+
 def parse_label_text(text, source="labels"):
     """Class ids of one .cls file: one integer 0-79 a line; blank lines, BOMs, CRLF and
     duplicates are tolerated; anything else raises UserError naming the file."""
@@ -233,10 +239,14 @@ def pair_images_and_labels(image_dir, label_dir):
     images = list_images(image_dir)
     if not images:
         raise UserError(f"no .jpg images in {image_dir}")
-    labels = sorted(p for p in Path(label_dir).glob("*.cls"))
+    labels = list_labels(label_dir)
     if not labels:
         raise UserError(f"no .cls label files in {label_dir}")
     by_stem = {p.stem: p for p in images}
+    if len(by_stem) < len(images):
+        twins = sorted(s for s, n in Counter(p.stem for p in images).items() if n > 1)
+        raise UserError(f"{image_dir} holds several images with the same name, e.g. {twins[:3]} "
+                        f"(.jpg and .png?): keep one file per image")
     label_stems = {p.stem for p in labels}
     no_label = sorted(set(by_stem) - label_stems)
     no_image = sorted(label_stems - set(by_stem))
@@ -677,6 +687,7 @@ def sweep_thresholds(y_true, probs, taus):
     and searchsorted give tp and fp counts for all thresholds at once (prediction: prob >= tau)."""
     t = np.asarray(y_true, bool)
     probs = np.asarray(probs, np.float64)
+    probs = np.where(np.isnan(probs), -np.inf, probs)     # NaN >= tau is False, as in binarize
     taus = np.asarray(taus, np.float64)
     pos = t.sum(0)
     present = pos > 0
@@ -913,7 +924,9 @@ def load_checkpoint(path):
                         f"corrupt or not a torch file: use another one (best_model.pth, last.pth)") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a checkpoint of this project (no '{CHECKPOINT_FORMAT}' format tag)")
-    if state.get("format_version", 0) > CHECKPOINT_VERSION:
+    if not isinstance(state.get("format_version"), int):
+        raise UserError(f"{path} has no valid format version: not a checkpoint written by MS_COCO.py")
+    if state["format_version"] > CHECKPOINT_VERSION:
         raise UserError(f"{path} has format version {state['format_version']}, newer than this script "
                         f"({CHECKPOINT_VERSION}): update MS_COCO.py")
     return state
@@ -1141,9 +1154,7 @@ def prepare_run(cfg):
     if not resume and any((d / "metrics.csv").exists() or (d / "last.pth").exists() for d in dirs.values()):
         raise UserError(f"run {run_id} already exists: resume it with --resume "
                         f"{dirs['checkpoint'] / 'last.pth'} or pick another --run-id")
-    for d in dirs.values():
-        d.mkdir(parents=True, exist_ok=True)
-    cfg["run_id"] = run_id
+    cfg["run_id"] = run_id          # folders are created by their first write, once the data is known good
     return run_id, dirs, resume
 
 

@@ -69,6 +69,10 @@ def check_predictions(preds, stems):
     for stem, ids in preds.items():
         if not isinstance(stem, str) or not isinstance(ids, list):
             raise M.UserError(f"bad entry for {stem!r}: expected a list of class ids")
+        try:
+            stem.encode("utf-8")
+        except UnicodeEncodeError:
+            raise M.UserError(f"test image name {stem!r} is not valid UTF-8: rename the file") from None
         if any(type(c) is not int or not 0 <= c < M.NUM_CLASSES for c in ids):
             raise M.UserError(f"bad class id in the predictions of {stem}: {ids}")
         if ids != sorted(set(ids)):
@@ -92,7 +96,7 @@ def read_predictions(path):
 
 def score_predictions(preds, labels_dir):
     """The challenge F1 (with P, R, macro and micro F1) of preds against a folder of .cls files."""
-    label_files = sorted(Path(labels_dir).glob("*.cls"))
+    label_files = M.list_labels(labels_dir)
     if not label_files:
         raise M.UserError(f"no .cls label files in {labels_dir}")
     stems = [p.stem for p in label_files]
