@@ -1148,6 +1148,8 @@ def prepare_run(cfg):
         cfg.update(resume["config"])
         cfg.update(given)
         run_id = resume["run_id"]
+        for stale in (Path(cfg["checkpoint_dir"]) / run_id).glob(".*.tmp"):   # left by a killed save
+            stale.unlink(missing_ok=True)
     else:
         run_id = cfg["run_id"] or new_run_id()
     dirs = {name: Path(cfg[f"{name}_dir"]) / run_id for name in ("checkpoint", "output", "runs")}
@@ -1220,6 +1222,8 @@ def train(cfg, log=print):
         scheduler.load_state_dict(resume["scheduler"])
         torch.set_rng_state(resume["torch_rng"])
         best = resume["best_score"]
+        if (dirs["checkpoint"] / "best_model.pth").is_file():   # a kill between the two saves
+            best = max(best, load_checkpoint(dirs["checkpoint"] / "best_model.pth")["best_score"])
         if resume["step"]:
             start_epoch, start_step, carry = resume["epoch"], resume["step"], tuple(resume["carry"])
         else:

@@ -196,3 +196,18 @@ def test_freezing(freeze):
     assert "fc" in trainable and "conv1" not in trainable
     assert ("layer4" in trainable) == (freeze == "partial") and ("layer3" in trainable) == (freeze == "partial")
     assert "layer2" not in trainable
+
+
+def test_same_seed_same_split_loss_and_predictions(tmp_path, tiny_source):
+    runs = {}
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        cfg = tiny_config(tmp_path / name, tiny_source, epochs=1, seed=seed)
+        M.train(cfg, log=lambda *_: None)
+        state = M.load_checkpoint(tmp_path / name / "checkpoints" / "t" / "best_model.pth")
+        _, probs = T.predict_folder(state, tiny_source / "images" / "test-resized", T.parse_config(["--device", "cpu"]))
+        runs[name] = ((tmp_path / name / "outputs" / "t" / "split.json").read_text(),
+                      list(csv.DictReader((tmp_path / name / "outputs" / "t" / "metrics.csv").open()))[0]["train_loss"],
+                      probs)
+    assert runs["a"][0] == runs["b"][0] and runs["a"][1] == runs["b"][1]
+    assert np.array_equal(runs["a"][2], runs["b"][2])
+    assert runs["a"][0] != runs["c"][0] and runs["a"][1] != runs["c"][1]
