@@ -69,11 +69,27 @@ EPOCHS = 100                    # passes over the training split
 LR = 1e-3                       # initial learning rate
 LR_STEP = 30                    # epochs between learning-rate decays (step schedule)
 LR_GAMMA = 0.5                  # factor applied every LR_STEP epochs
+SCHEDULE = "step"               # step (LR_STEP, LR_GAMMA) | cosine (to zero at the last epoch)
+WARMUP_EPOCHS = 0.0             # linear learning-rate warm-up, in epochs (fractions allowed)
 OPTIMIZER = "adam"              # adam | adamw | sgd
 WEIGHT_DECAY = 0.0              # L2 (adam, sgd) or decoupled (adamw) weight decay
 MOMENTUM = 0.9                  # sgd only
 CROP_SCALE_MIN = 0.5            # smallest area fraction kept by the random resized crop (1 disables cropping)
 HFLIP = True                    # random horizontal flips in training
+TRIVIAL_AUGMENT = False         # one random photometric op per image (TrivialAugment-style), on the device
+CUTOUT = 0.0                    # side of a randomly erased square, as a fraction of the image (0 = off)
+LOSS = "bce"                    # bce | asl (asymmetric loss) | focal
+ASL_GAMMA_NEG = 4.0             # asl: focusing exponent of negatives (down-weights easy negatives)
+ASL_GAMMA_POS = 0.0             # asl: focusing exponent of positives
+ASL_CLIP = 0.05                 # asl: probability margin: negatives below it cost nothing
+FOCAL_GAMMA = 2.0               # focal: focusing exponent of positives and negatives
+CLASS_BALANCE = "none"          # none | pos_weight (rare classes' positives weigh more) | sampling (repeat rare images)
+SAMPLING_THRESHOLD = 0.05       # sampling: images of classes rarer than this share are repeated sqrt(t/f) times
+EMA_DECAY = 0.0                 # moving average of the weights per step (0 = off, e.g. 0.998); the better of EMA/raw is kept
+TTA = False                     # also score the horizontally flipped image, at validation and export
+THRESHOLDS = "auto"             # global | per_class | global+top1 | per_class+top1 | auto (best on held-out folds)
+RECIPE = "default"              # default (the product recipe above) | strong (RECIPES below; given options win)
+REPORTS = True                  # PNG reports of the best epoch in outputs/<run_id>/ and TensorBoard
 VAL_FRACTION = 0.15             # share of the labelled images held out for validation
 SEED = 0                        # split, initialisation, batch order and augmentation all follow it
 THRESHOLD_MIN = 0.05            # lowest probability threshold swept on validation
@@ -118,6 +134,13 @@ CHECKPOINT_FORMAT = "ms-coco-multilabel"
 CHECKPOINT_VERSION = 1
 CACHE_VERSION = 1
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# Option bundles for --recipe; options given on the command line win over them.
+RECIPES = {
+    "default": {},
+    "strong": dict(loss="asl", ema_decay=0.998, trivial_augment=True, cutout=0.25, tta=True,
+                   schedule="cosine", warmup_epochs=1.0, optimizer="adamw", weight_decay=1e-4),
+}
+
 # The demo's recipe: small images and no download, so it fits ~2 minutes on 2 CPU cores.
 DEMO_OVERRIDES = dict(weights="none", image_size=64, epochs=20, batch_size=64, lr=2e-3,
                       lr_step=14, device="cpu", crop_scale_min=0.6, keep_epochs=1)
@@ -457,26 +480,74 @@ def eval_transform(x_uint8, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     return normalize(x_uint8, mean, std)
 
 
-def augment_batch(x_uint8, generator, crop_scale_min=CROP_SCALE_MIN, hflip=True):
-    """Random resized crop and horizontal flip, each sample its own parameters, as one
-    affine grid_sample on the batch's device. Crops stay inside the image."""
+def augment_batch(x_uint8, generator, crop_scale_min=CROP_SCALE_MIN, hflip=True, trivial=False, cutout=0.0):
+    """Random resized crop and horizontal flip (one affine grid_sample), then optionally one
+    photometric op and a cutout square per image, each sample its own parameters, all as
+    batched tensor ops on the batch's device; returns normalised float32."""
     b, _, h, w = x_uint8.shape
-    x = normalize(x_uint8)
-    if crop_scale_min >= 1 and not hflip:
-        return x
-    area = torch.empty(b).uniform_(crop_scale_min, 1.0, generator=generator)
-    log_ratio = torch.empty(b).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
-    ratio = log_ratio.exp()
-    sx = (area * ratio).sqrt().clamp(max=1.0)          # crop width as a fraction of the image
-    sy = (area / ratio).sqrt().clamp(max=1.0)
-    tx = (torch.rand(b, generator=generator) * 2 - 1) * (1 - sx)
-    ty = (torch.rand(b, generator=generator) * 2 - 1) * (1 - sy)
-    flip = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0) if hflip else torch.ones(b)
-    theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2] = sx * flip, tx
-    theta[:, 1, 1], theta[:, 1, 2] = sy, ty
-    grid = F.affine_grid(theta.to(x.device), [b, 3, h, w], align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if crop_scale_min >= 1 and not hflip and not trivial and not cutout:
+        return normalize(x_uint8)
+    x = x_uint8.float().div_(255.0)
+    if crop_scale_min < 1 or hflip:
+        area = torch.empty(b).uniform_(min(crop_scale_min, 1.0), 1.0, generator=generator)
+        log_ratio = torch.empty(b).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
+        ratio = log_ratio.exp() if crop_scale_min < 1 else torch.ones(b)
+        sx = (area * ratio).sqrt().clamp(max=1.0)          # crop width as a fraction of the image
+        sy = (area / ratio).sqrt().clamp(max=1.0)
+        tx = (torch.rand(b, generator=generator) * 2 - 1) * (1 - sx)
+        ty = (torch.rand(b, generator=generator) * 2 - 1) * (1 - sy)
+        flip = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0) if hflip else torch.ones(b)
+        theta = torch.zeros(b, 2, 3)
+        theta[:, 0, 0], theta[:, 0, 2] = sx * flip, tx
+        theta[:, 1, 1], theta[:, 1, 2] = sy, ty
+        grid = F.affine_grid(theta.to(x.device), [b, 3, h, w], align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if trivial:
+        x = photometric_ops(x, generator)
+    if cutout:
+        x = erase_squares(x, generator, cutout)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+PHOTOMETRIC_OPS = ("identity", "brightness", "contrast", "saturation", "solarize", "posterize", "autocontrast")
+
+
+def photometric_ops(x, generator):
+    """TrivialAugment-style: each image gets one op drawn uniformly, at a uniform random
+    strength. x in [0, 1]; one masked batched op per kind, no per-image Python."""
+    b = x.shape[0]
+    op = torch.randint(len(PHOTOMETRIC_OPS), (b,), generator=generator).to(x.device)
+    m = torch.rand(b, generator=generator).to(x.device).view(b, 1, 1, 1)
+    sign = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0).to(x.device).view(b, 1, 1, 1)
+    gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    factor = 1 + 0.9 * m * sign
+    candidates = {
+        "brightness": x * factor,
+        "contrast": (x - gray.mean((2, 3), keepdim=True)) * factor + gray.mean((2, 3), keepdim=True),
+        "saturation": (x - gray) * factor + gray,
+        "solarize": torch.where(x >= 1 - 0.5 * m, 1 - x, x),
+        "posterize": torch.floor(x * 255 / 2 ** (1 + (m * 4).floor())) * 2 ** (1 + (m * 4).floor()) / 255,
+    }
+    lo, hi = x.amin((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
+    candidates["autocontrast"] = (x - lo) / (hi - lo).clamp(min=1e-3)
+    out = x
+    for i, name in enumerate(PHOTOMETRIC_OPS[1:], 1):
+        out = torch.where((op == i).view(b, 1, 1, 1), candidates[name], out)
+    return out.clamp(0, 1)
+
+
+def erase_squares(x, generator, side):
+    """Cutout: a square of side*H, centred anywhere (clipped at the borders), set to grey."""
+    b, _, h, w = x.shape
+    cy = (torch.rand(b, generator=generator) * h).to(x.device).view(b, 1, 1)
+    cx = (torch.rand(b, generator=generator) * w).to(x.device).view(b, 1, 1)
+    half = side * h / 2
+    ys = torch.arange(h, device=x.device).view(1, h, 1) + 0.5
+    xs = torch.arange(w, device=x.device).view(1, 1, w) + 0.5
+    inside = ((ys - cy).abs() < half) & ((xs - cx).abs() < half)
+    return torch.where(inside.unsqueeze(1), torch.full_like(x, 0.5), x)
 
 
 class BatchPrefetcher:
@@ -682,9 +753,10 @@ def threshold_grid(lo=THRESHOLD_MIN, hi=THRESHOLD_MAX, step=THRESHOLD_STEP):
     return np.round(np.arange(lo, hi + step / 2, step), 6)
 
 
-def sweep_thresholds(y_true, probs, taus):
-    """Challenge F1, P and R at every global threshold, vectorised: per class, sorted scores
-    and searchsorted give tp and fp counts for all thresholds at once (prediction: prob >= tau)."""
+def class_rates(y_true, probs, taus):
+    """Per-class precision and recall at every threshold, (T, C) each, and the challenge
+    score's class weights (C,). Vectorised: per class, sorted scores and searchsorted give the
+    tp and fp counts of all thresholds at once (prediction: prob >= tau; NaN never passes)."""
     t = np.asarray(y_true, bool)
     probs = np.asarray(probs, np.float64)
     probs = np.where(np.isnan(probs), -np.inf, probs)     # NaN >= tau is False, as in binarize
@@ -693,18 +765,26 @@ def sweep_thresholds(y_true, probs, taus):
     present = pos > 0
     w = np.where(present, 1.0 / np.maximum(pos, 1), 0.0)
     w /= max(w.sum(), 1e-300)
-    masked_pos = np.where(t, probs, -np.inf)
-    masked_neg = np.where(t, -np.inf, probs)
-    sp = np.sort(masked_pos, axis=0)
-    sn = np.sort(masked_neg, axis=0)
+    sp = np.sort(np.where(t, probs, -np.inf), axis=0)
+    sn = np.sort(np.where(t, -np.inf, probs), axis=0)
     n = len(probs)
     tp = np.stack([n - np.searchsorted(sp[:, c], taus, "left") for c in range(t.shape[1])], 1).astype(float)
     fp = np.stack([n - np.searchsorted(sn[:, c], taus, "left") for c in range(t.shape[1])], 1).astype(float)
     prec = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=tp > 0)
     rec = np.divide(tp, pos[None, :], out=np.zeros_like(tp), where=tp > 0)
+    return prec, rec, w
+
+
+def harmonic(P, R):
+    P, R = np.asarray(P, np.float64), np.asarray(R, np.float64)
+    return np.divide(2 * P * R, P + R, out=np.zeros_like(P), where=(P > 0) & (R > 0))
+
+
+def sweep_thresholds(y_true, probs, taus):
+    """Challenge F1, P and R at every global threshold."""
+    prec, rec, w = class_rates(y_true, probs, taus)
     P, R = prec @ w, rec @ w
-    f1 = np.divide(2 * P * R, P + R, out=np.zeros_like(P), where=(P > 0) & (R > 0))
-    return {"tau": taus, "f1": f1, "precision": P, "recall": R}
+    return {"tau": np.asarray(taus, np.float64), "f1": harmonic(P, R), "precision": P, "recall": R}
 
 
 def best_threshold(sweep):
@@ -716,6 +796,102 @@ def binarize(probs, threshold):
     """Predictions from probabilities: prob >= threshold, a scalar or one value per class.
     The sweep and the export both use this rule."""
     return np.asarray(probs) >= np.asarray(threshold, np.float64)
+
+
+def fit_class_thresholds(y_true, probs, taus, start_tau, rounds=10):
+    """Per-class thresholds that maximise the challenge F1 itself, jointly: the score averages
+    P and R over classes before the harmonic mean, so each class's best cut-off depends on the
+    others. Coordinate ascent from the global tau*: one class at a time, its threshold moves to
+    the grid value that maximises the whole score given the rest, until nothing improves."""
+    taus = np.asarray(taus, np.float64)
+    prec, rec, w = class_rates(y_true, probs, taus)
+    idx = np.full(prec.shape[1], int(np.argmin(np.abs(taus - start_tau))))
+    cols = np.arange(prec.shape[1])
+    P, R = (prec[idx, cols] * w).sum(), (rec[idx, cols] * w).sum()
+    for _ in range(rounds):
+        moved = False
+        for c in np.flatnonzero(w > 0):
+            P_c = P - w[c] * prec[idx[c], c] + w[c] * prec[:, c]
+            R_c = R - w[c] * rec[idx[c], c] + w[c] * rec[:, c]
+            f = harmonic(P_c, R_c)
+            best = int(np.argmax(f))
+            if f[best] > f[idx[c]] + 1e-12:
+                idx[c], moved = best, True
+            P, R = P_c[idx[c]], R_c[idx[c]]
+        if not moved:
+            break
+    return np.where(w > 0, taus[idx], start_tau)
+
+
+def shrink_thresholds(class_taus, global_tau, positives, strength):
+    """Pull each class's threshold toward the global one, the more the fewer validation
+    positives it was fitted on: (n * tau_c + k * tau) / (n + k). strength inf = global."""
+    if np.isinf(strength):
+        return np.full(len(class_taus), float(global_tau))
+    n = np.asarray(positives, np.float64)
+    pulled = (n * class_taus + strength * global_tau) / np.maximum(n + strength, 1e-12)
+    return np.round(np.where(n + strength > 0, pulled, global_tau), 6)   # no positives: the global one
+
+
+def apply_thresholds(probs, threshold, min_one=False):
+    """Predictions at a global or per-class threshold; min_one adds the top class to images
+    where nothing passes (the challenge's images always contain at least one class)."""
+    pred = binarize(probs, threshold)
+    if min_one and len(pred):
+        empty = ~pred.any(1)
+        pred[np.flatnonzero(empty), np.nanargmax(np.where(np.isnan(probs), -np.inf, probs)[empty], 1)
+             if empty.any() else []] = True
+    return pred
+
+
+THRESHOLD_OPTIONS = ("global", "global+top1", "per_class", "per_class+top1")
+SHRINK_STRENGTHS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, float("inf"))
+
+
+def folds_of(n, k, seed):
+    order = np.random.default_rng(seed).permutation(n)
+    return [np.sort(order[i::k]) for i in range(k)]
+
+
+def fit_thresholds(y, probs, taus, strength=None, folds=4, seed=0):
+    """Global tau* and shrunk per-class thresholds fitted on (y, probs); the shrinkage strength
+    is chosen by cross-validation over folds of these rows unless given."""
+    tau = best_threshold(sweep_thresholds(y, probs, taus))[0]
+    if strength is None:
+        scores = {k: np.zeros_like(y, bool) for k in SHRINK_STRENGTHS}
+        for held in folds_of(len(y), folds, seed):
+            fit = np.setdiff1d(np.arange(len(y)), held)
+            t_fit = best_threshold(sweep_thresholds(y[fit], probs[fit], taus))[0]
+            raw = fit_class_thresholds(y[fit], probs[fit], taus, t_fit)
+            for k in SHRINK_STRENGTHS:
+                th = shrink_thresholds(raw, t_fit, y[fit].sum(0), k)
+                scores[k][held] = binarize(probs[held], th)
+        cv = {k: challenge_scores(y, pred)["f1"] for k, pred in scores.items()}
+        strength = max(SHRINK_STRENGTHS, key=lambda k: (cv[k], k))     # ties: the stronger pull
+    per_class = shrink_thresholds(fit_class_thresholds(y, probs, taus, tau), tau, y.sum(0), strength)
+    return tau, per_class, strength
+
+
+def calibrate_thresholds(y, probs, taus, mode="auto", folds=5, seed=0):
+    """Thresholds for the export, and an honest estimate of what each option gains: every
+    option is fitted on 4/5 of the validation images and scored on the other fifth (out of
+    fold, strength chosen inside the fitting part), so no figure comes from the images that
+    chose it. mode auto keeps the option with the best held-out challenge F1."""
+    y, probs = np.asarray(y, bool), np.asarray(probs, np.float64)
+    oof = {name: np.zeros_like(y, bool) for name in THRESHOLD_OPTIONS}
+    for held in folds_of(len(y), folds, seed):
+        fit = np.setdiff1d(np.arange(len(y)), held)
+        tau, per_class, _ = fit_thresholds(y[fit], probs[fit], taus, seed=seed)
+        for name in THRESHOLD_OPTIONS:
+            th = per_class if name.startswith("per_class") else tau
+            oof[name][held] = apply_thresholds(probs[held], th, name.endswith("+top1"))
+    heldout = {name: challenge_scores(y, pred)["f1"] for name, pred in oof.items()}
+    chosen = max(THRESHOLD_OPTIONS, key=lambda n: heldout[n]) if mode == "auto" else mode
+    tau, per_class, strength = fit_thresholds(y, probs, taus, seed=seed)
+    threshold = [float(t) for t in per_class] if chosen.startswith("per_class") else float(tau)
+    return {"chosen": chosen, "threshold": threshold, "min_one": chosen.endswith("+top1"),
+            "global_tau": float(tau), "per_class": [float(t) for t in per_class], "strength": strength,
+            "heldout_f1": heldout, "folds": folds}
 
 
 def validation_report(y_true, probs, taus):
@@ -750,8 +926,94 @@ def build_optimizer(cfg, model):
     raise UserError(f"unknown --optimizer {name!r}: adam, adamw or sgd")
 
 
-def build_scheduler(cfg, optimizer):
-    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(cfg["lr_step"], 1), gamma=cfg["lr_gamma"])
+def lr_factor(cfg, step, steps_per_epoch):
+    """Learning-rate multiplier at an optimisation step: linear warm-up, then the step
+    schedule (LR_GAMMA every LR_STEP epochs) or a cosine decay to zero at the last epoch."""
+    warm = cfg["warmup_epochs"] * steps_per_epoch
+    if step < warm:
+        return (step + 1) / warm
+    if cfg["schedule"] == "cosine":
+        total = max(cfg["epochs"] * steps_per_epoch - warm, 1)
+        return 0.5 * (1 + math.cos(math.pi * min((step - warm) / total, 1.0)))
+    if cfg["schedule"] != "step":
+        raise UserError(f"unknown --schedule {cfg['schedule']!r}: step or cosine")
+    return cfg["lr_gamma"] ** (step // steps_per_epoch // max(cfg["lr_step"], 1))
+
+
+def build_scheduler(cfg, optimizer, steps_per_epoch):
+    """A per-step schedule (stepped after every batch), so warm-up and resume mid-epoch are exact."""
+    lr_factor(cfg, 0, steps_per_epoch)        # an unknown schedule fails now, not after an epoch
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step, steps_per_epoch))
+
+
+# ------------------------------------------------------------------- losses
+class AsymmetricLoss(nn.Module):
+    """Asymmetric loss (Ridnik et al., 2021): focal down-weighting with separate exponents for
+    positives and negatives, and a probability margin that zeroes the easiest negatives; with
+    gamma_neg = gamma_pos and clip 0 it is the focal loss. Mean over images and classes."""
+
+    def __init__(self, gamma_neg=4.0, gamma_pos=0.0, clip=0.05, pos_weight=None):
+        super().__init__()
+        self.gamma_neg, self.gamma_pos, self.clip = gamma_neg, gamma_pos, clip
+        self.register_buffer("pos_weight", pos_weight if pos_weight is not None else torch.ones(()))
+
+    def forward(self, logits, y):
+        p = torch.sigmoid(logits)
+        p_neg = (p - self.clip).clamp(min=0) if self.clip > 0 else p
+        log_p = F.logsigmoid(logits)
+        log_not_p = torch.log((1 - p_neg).clamp(min=1e-8)) if self.clip > 0 else F.logsigmoid(-logits)
+        loss_pos = y * log_p * self.pos_weight
+        loss_neg = (1 - y) * log_not_p
+        if self.gamma_pos:
+            loss_pos = loss_pos * (1 - p).pow(self.gamma_pos)
+        if self.gamma_neg:
+            loss_neg = loss_neg * p_neg.pow(self.gamma_neg)
+        return -(loss_pos + loss_neg).mean()
+
+
+def class_positive_weights(labels):
+    """Positive-class weights for the long tail: sqrt(median frequency / class frequency),
+    between 1 (common classes) and 10; absent classes 1."""
+    freq = np.asarray(labels, np.float64).mean(0)
+    present = freq > 0
+    ref = np.median(freq[present]) if present.any() else 1.0
+    w = np.ones_like(freq)
+    w[present] = np.clip(np.sqrt(ref / freq[present]), 1.0, 10.0)
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def build_criterion(cfg, train_labels):
+    pos_weight = class_positive_weights(train_labels) if cfg["class_balance"] == "pos_weight" else None
+    if cfg["loss"] == "bce":
+        return nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    if cfg["loss"] == "asl":
+        return AsymmetricLoss(cfg["asl_gamma_neg"], cfg["asl_gamma_pos"], cfg["asl_clip"], pos_weight)
+    if cfg["loss"] == "focal":
+        return AsymmetricLoss(cfg["focal_gamma"], cfg["focal_gamma"], 0.0, pos_weight)
+    raise UserError(f"unknown --loss {cfg['loss']!r}: bce, asl or focal")
+
+
+def repeat_factors(train_labels, threshold):
+    """Repeat-factor sampling (as in LVIS): an image is drawn max over its classes of
+    max(1, sqrt(threshold / class frequency)) times per epoch on average."""
+    y = np.asarray(train_labels, bool)
+    freq = y.mean(0)
+    per_class = np.where(freq > 0, np.maximum(1.0, np.sqrt(threshold / np.maximum(freq, 1e-12))), 1.0)
+    return np.where(y, per_class[None, :], 1.0).max(1)
+
+
+def build_ema(model, cfg):
+    """An exponential moving average of the weights (and BN buffers), with the usual warm-up
+    of the decay, min(decay, (1 + n) / (10 + n)), so short runs average sensibly."""
+    if not cfg["ema_decay"]:
+        return None
+    from torch.optim.swa_utils import AveragedModel
+    decay = cfg["ema_decay"]
+
+    def avg(ema_p, p, n):
+        d = min(decay, (1 + float(n)) / (10 + float(n)))
+        return ema_p * d + p * (1 - d)
+    return AveragedModel(unwrap(model), avg_fn=avg, use_buffers=True)
 
 
 def step_seed(seed, epoch, step):
@@ -759,10 +1021,15 @@ def step_seed(seed, epoch, step):
     return (seed * 1_000_003 + epoch * 10_007 + step) % (2 ** 63)
 
 
-def epoch_batches(rows, batch_size, seed, epoch):
-    """The epoch's batches as row indices into the image array, in a seeded order."""
+def epoch_batches(rows, batch_size, seed, epoch, repeat=None):
+    """The epoch's batches as row indices into the image array, in a seeded order; with
+    repeat factors (one per row), each row appears floor(r) or ceil(r) times."""
     g = torch.Generator().manual_seed(step_seed(seed, epoch, 0) ^ 0x5EED)
-    order = np.asarray(rows)[torch.randperm(len(rows), generator=g).numpy()]
+    rows = np.asarray(rows)
+    if repeat is not None:
+        extra = torch.rand(len(rows), generator=g).numpy() < (repeat - np.floor(repeat))
+        rows = np.repeat(rows, (np.floor(repeat) + extra).astype(int))
+    order = rows[torch.randperm(len(rows), generator=g).numpy()]
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
@@ -799,12 +1066,13 @@ class StopFlag:
 
 
 def train_one_epoch(model, optimizer, images, labels, rows, device, cfg, epoch, start_step=0, carry=None,
-                    stop=None, on_stop=None):
+                    stop=None, on_stop=None, scheduler=None, criterion=None, ema=None, repeat=None):
     """One pass over the training rows of images/labels. Returns (mean loss, images seen,
-    seconds). carry holds (loss sum, images, bad steps) of steps done before an interruption."""
+    seconds). carry holds (loss sum, images, bad steps) of steps done before an interruption;
+    the scheduler and the EMA are stepped after every batch."""
     model.train()
-    criterion = nn.BCEWithLogitsLoss()
-    batches = epoch_batches(rows, cfg["batch_size"], cfg["seed"], epoch)
+    criterion = (criterion or nn.BCEWithLogitsLoss()).to(device)
+    batches = epoch_batches(rows, cfg["batch_size"], cfg["seed"], epoch, repeat)
     loss_sum, seen, bad_steps = carry or (0.0, 0, 0)
     t0 = time.time()
     prefetch = BatchPrefetcher(images, labels, batches[start_step:], device)
@@ -813,7 +1081,7 @@ def train_one_epoch(model, optimizer, images, labels, rows, device, cfg, epoch, 
         for step, (x8, y) in enumerate(prefetch, start_step):
             torch.manual_seed(step_seed(cfg["seed"], epoch, step))
             g = torch.Generator().manual_seed(step_seed(cfg["seed"], epoch, step) + 1)
-            x = augment_batch(x8, g, cfg["crop_scale_min"], cfg["hflip"])
+            x = augment_batch(x8, g, cfg["crop_scale_min"], cfg["hflip"], cfg["trivial_augment"], cfg["cutout"])
             if device.type == "cuda" and cfg["channels_last"]:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device, cfg["amp"]):
@@ -831,8 +1099,12 @@ def train_one_epoch(model, optimizer, images, labels, rows, device, cfg, epoch, 
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if ema is not None:
+                    ema.update_parameters(unwrap(model))
                 loss_sum += float(loss.detach()) * len(y)
                 seen += len(y)
+            if scheduler is not None:
+                scheduler.step()
             bar.update(1)
             if stop is not None and stop.signum is not None:
                 on_stop(step + 1, (loss_sum, seen, bad_steps))
@@ -845,9 +1117,9 @@ def train_one_epoch(model, optimizer, images, labels, rows, device, cfg, epoch, 
 
 @torch.no_grad()
 def predict(model, images_u8, device, batch_size=512, amp=True, channels_last=True, mean=IMAGENET_MEAN,
-            std=IMAGENET_STD, rows=None, desc="predict"):
+            std=IMAGENET_STD, rows=None, desc="predict", tta=False):
     """Sigmoid probabilities (N, 80) float32 for uint8 images (array, memmap or tensor),
-    all of them or the given rows."""
+    all of them or the given rows; tta averages them with those of the mirrored images."""
     model.eval()
     rows = np.arange(len(images_u8)) if rows is None else np.asarray(rows)
     out = []
@@ -861,14 +1133,17 @@ def predict(model, images_u8, device, batch_size=512, amp=True, channels_last=Tr
         if device.type == "cuda" and channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):
-            out.append(torch.sigmoid(model(x).float()).cpu())
+            p = torch.sigmoid(model(x).float())
+            if tta:
+                p = (p + torch.sigmoid(model(x.flip(3)).float())) / 2
+            out.append(p.cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, NUM_CLASSES), np.float32)
 
 
 def evaluate(model, images, labels, rows, device, cfg):
     """Validation loss and probabilities of the given rows."""
     probs = predict(model, images, device, 2 * cfg["batch_size"], cfg["amp"], cfg["channels_last"],
-                    rows=rows, desc="validate")
+                    rows=rows, desc="validate", tta=cfg["tta"])
     p = torch.from_numpy(probs).double().clamp(1e-7, 1 - 1e-7)
     y = torch.as_tensor(np.asarray(labels)[rows], dtype=torch.float64)
     loss = float(F.binary_cross_entropy(p, y)) if len(y) else float("nan")
@@ -942,15 +1217,23 @@ def unwrap(model):
     return getattr(model, "_orig_mod", model)
 
 
-def checkpoint_state(model, optimizer, scheduler, cfg, run_id, epoch, step, best, report, carry):
-    """Everything needed to export (architecture, preprocessing, classes, threshold) or resume."""
+def checkpoint_state(model, optimizer, scheduler, cfg, run_id, epoch, step, best, report, carry,
+                     ema=None, use_ema=False, calibration=None):
+    """Everything needed to export (architecture, preprocessing, classes, thresholds) or resume.
+    "model" holds the weights to predict with (the EMA's when they scored better); the raw
+    training weights are then in "raw_model", and the EMA's own state in "ema"."""
+    weights = lambda m: {k: v.detach().cpu() for k, v in unwrap(m).state_dict().items()}
+    cal = calibration or {}
     return {
         "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
         "run_id": run_id, "arch": cfg["arch"], "num_classes": NUM_CLASSES,
         "class_names": list(CLASS_NAMES), "image_size": cfg["image_size"],
         "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-        "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
-        "threshold": report["tau"] if report else 0.5,
+        "model": weights(ema.module if use_ema else model),
+        "raw_model": weights(model) if use_ema else None,
+        "ema": ema.state_dict() if ema is not None else None, "weights_source": "ema" if use_ema else "raw",
+        "threshold": cal.get("threshold", report["tau"] if report else 0.5),
+        "min_one_label": bool(cal.get("min_one", False)), "thresholds": cal, "tta": bool(cfg["tta"]),
         "val_metrics": scalar_metrics(report) if report else {},
         "epoch": epoch, "step": step, "carry": list(carry) if carry else None,
         "best_score": best, "config": dict(cfg),
@@ -970,7 +1253,7 @@ def prune_epoch_files(ckpt_dir, keep):
 
 # ------------------------------------------------------------------ logging
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "f1", "precision", "recall", "tau", "f1_at_0.5",
-                  "macro_f1", "micro_f1", "map", "images_per_s", "epoch_s"]
+                  "macro_f1", "micro_f1", "map", "ema", "images_per_s", "epoch_s"]
 
 
 def scalar_metrics(report):
@@ -1041,6 +1324,89 @@ def log_tensorboard(writer, epoch, row, report):
         if report["best"]["support"][c] > 0:
             writer.add_scalar(f"class_f1/{c:02d}_{name.replace(' ', '_')}", report["best"]["class_f1"][c], epoch)
     writer.flush()
+
+
+# ------------------------------------------------------------------ reports
+def write_reports(out_dir, writer, epoch, report, probs, y_true, images, val_idx, calibration, log=print):
+    """Pictures of the best epoch: per-class F1 (sorted, rare classes marked), the threshold
+    sweep, precision-recall curves of the rarest classes and a grid of validation images with
+    their predicted and true labels; PNGs in out_dir and the same in TensorBoard."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover
+        log("reports: matplotlib is not installed; no PNG reports")
+        return []
+    out_dir = Path(out_dir)
+    y = np.asarray(y_true, bool)
+    support = y.sum(0)
+    present = np.flatnonzero(support > 0)
+    rare = set(present[np.argsort(support[present], kind="stable")[:10]].tolist())
+    figures = {}
+
+    f1 = report["best"]["class_f1"]
+    order = present[np.argsort(-f1[present], kind="stable")]
+    fig, ax = plt.subplots(figsize=(max(8, 0.16 * len(order)), 4.5))
+    ax.bar(range(len(order)), f1[order], color=["tab:red" if c in rare else "tab:blue" for c in order])
+    ax.set_xticks(range(len(order)), [f"{CLASS_NAMES[c]} ({support[c]})" for c in order], rotation=90, fontsize=6)
+    ax.set_ylabel("F1 at tau*")
+    ax.set_title(f"per-class F1, epoch {epoch} (red: the 10 rarest classes; validation positives in brackets)")
+    figures["per_class_f1"] = fig
+
+    sweep = report["sweep"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in ("f1", "precision", "recall"):
+        ax.plot(sweep["tau"], sweep[key], label=key if key != "f1" else "challenge F1")
+    ax.axvline(report["tau"], color="grey", ls="--", lw=1)
+    ax.set_xlabel("threshold tau (probability)")
+    ax.set_title(f"threshold sweep: F1 {report['best']['f1']:.4f} at tau* {report['tau']:.2f}")
+    ax.legend()
+    figures["threshold_sweep"] = fig
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for c in sorted(rare, key=lambda c: support[c])[:6]:
+        order_c = np.argsort(-probs[:, c], kind="stable")
+        tp = np.cumsum(y[order_c, c])
+        ax.step(tp / support[c], tp / np.arange(1, len(tp) + 1), where="post",
+                label=f"{CLASS_NAMES[c]} (n={support[c]}, AP {report['ap'][c]:.2f})")
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title("precision-recall of the rarest validation classes")
+    ax.legend(fontsize=7)
+    figures["pr_rare_classes"] = fig
+
+    pred = apply_thresholds(probs, calibration.get("threshold", report["tau"]), calibration.get("min_one", False))
+    show = np.random.default_rng(0).permutation(len(val_idx))[:16]
+    fig, axes = plt.subplots(4, 4, figsize=(10, 11))
+    for ax, i in zip(axes.flat, show):
+        ax.imshow(np.asarray(images[val_idx[i]]).transpose(1, 2, 0))
+        ok = pred[i] & y[i]
+        ax.set_title("pred: " + ", ".join(CLASS_NAMES[c] + ("" if ok[c] else "*") for c in np.flatnonzero(pred[i]))
+                     + "\ntrue: " + ", ".join(CLASS_NAMES[c] for c in np.flatnonzero(y[i])), fontsize=6)
+        ax.axis("off")
+    for ax in axes.flat[len(show):]:
+        ax.axis("off")
+    fig.suptitle("validation images (* = wrong prediction)")
+    figures["val_predictions"] = fig
+
+    written = []
+    for name, fig in figures.items():
+        fig.tight_layout()
+        path = out_dir / f"{name}.png"
+        buf = __import__("io").BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+        atomic_write_bytes(path, buf.getvalue())
+        if writer is not None:
+            writer.add_figure(f"report/{name}", fig, epoch)
+        plt.close(fig)
+        written.append(path)
+    if writer is not None:
+        for c in sorted(rare):
+            writer.add_pr_curve(f"pr_rare/{c:02d}_{CLASS_NAMES[c].replace(' ', '_')}", y[:, c], probs[:, c], epoch)
+        writer.flush()
+    log(f"reports: {', '.join(p.name for p in written)} in {out_dir}")
+    return written
 
 
 # --------------------------------------------------------------------- demo
@@ -1124,7 +1490,8 @@ def run_demo(cfg):
     out = Path(cfg["output_dir"]) / result["run_id"] / "predictions.json"
     MS_COCO_test.main(["--ckpt", str(result["best_path"]), "--test-dir", str(demo_dir / "images" / "test-resized"),
                        "--out", str(out), "--labels", str(demo_dir / "labels" / "test"), "--device", cfg["device"]])
-    print(f"demo: validation challenge F1 {result['best_score']:.4f} (tau {result['threshold']:.2f}); "
+    chosen = result["thresholds"].get("chosen", "global")
+    print(f"demo: validation challenge F1 {result['best_score']:.4f} at the global tau*, thresholds {chosen}; "
           f"predictions in {out}; wall time {time.time() - t0:.0f}s")
     return result
 
@@ -1188,8 +1555,38 @@ def place_images(images, device, cfg, log):
     return images
 
 
+def apply_recipe(cfg):
+    """--recipe: its options for every key not given (still at the constant's default)."""
+    if cfg["recipe"] not in RECIPES:
+        raise UserError(f"unknown --recipe {cfg['recipe']!r}: {', '.join(RECIPES)}")
+    defaults = default_config()
+    for key, value in RECIPES[cfg["recipe"]].items():
+        if cfg[key] == defaults[key]:
+            cfg[key] = value
+    return cfg
+
+
+def evaluate_both(net, ema, images, labels, val_idx, device, cfg, taus):
+    """Validation of the raw weights and, with EMA on, of the averaged ones: the better counts."""
+    val_loss, probs = evaluate(net, images, labels, val_idx, device, cfg)
+    report = validation_report(labels[val_idx], probs, taus)
+    if ema is not None:
+        e_loss, e_probs = evaluate(ema.module, images, labels, val_idx, device, cfg)
+        e_report = validation_report(labels[val_idx], e_probs, taus)
+        if e_report["best"]["f1"] > report["best"]["f1"]:
+            return e_loss, e_probs, e_report, True
+    return val_loss, probs, report, False
+
+
+def describe_calibration(cal):
+    held = ", ".join(f"{k} {v:.4f}" for k, v in cal["heldout_f1"].items())
+    return (f"thresholds: {cal['chosen']} (global tau {cal['global_tau']:.2f}, shrink strength {cal['strength']:g}); "
+            f"held-out validation F1 over {cal['folds']} folds: {held}")
+
+
 def train(cfg, log=print):
     """The whole training run; returns a summary dict (run_id, best score, paths)."""
+    apply_recipe(cfg)
     run_id, dirs, resume = prepare_run(cfg)
     device = pick_device(cfg["device"])
     torch.manual_seed(cfg["seed"])
@@ -1200,26 +1597,35 @@ def train(cfg, log=print):
     else:
         usable = usable_rows(data)
         train_idx, val_idx = (usable[i] for i in make_split(data.labels[usable], cfg["val_fraction"], cfg["seed"]))
-        save_split(split_path, data, train_idx, val_idx, cfg)
     if len(val_idx) == 0 or len(train_idx) == 0:
         raise UserError(f"{len(data.stems)} images are too few for a train/validation split; add images "
                         f"or raise --val-fraction")
+    if not (resume and split_path.is_file()):
+        save_split(split_path, data, train_idx, val_idx, cfg)
     atomic_write_text(dirs["output"] / "config.json", json.dumps(cfg, indent=2))
     log(f"run {run_id}: {len(train_idx)} train / {len(val_idx)} val images, {cfg['arch']} "
-        f"({cfg['weights']}) at {cfg['image_size']}px on {device}, batch {cfg['batch_size']}, {cfg['epochs']} epochs")
+        f"({cfg['weights']}) at {cfg['image_size']}px on {device}, batch {cfg['batch_size']}, {cfg['epochs']} epochs"
+        + (f", recipe {cfg['recipe']}" if cfg["recipe"] != "default" else ""))
 
     model = build_model(cfg["arch"], "none" if resume else cfg["weights"], NUM_CLASSES, cfg["dropout"], cfg["freeze"])
     if resume:
-        model.load_state_dict(resume["model"])
+        model.load_state_dict(resume.get("raw_model") or resume["model"])
     model.to(device)
     if device.type == "cuda" and cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
-    optimizer, scheduler = build_optimizer(cfg, model), None
-    scheduler = build_scheduler(cfg, optimizer)
+    train_labels = data.labels[train_idx]
+    repeat = repeat_factors(train_labels, cfg["sampling_threshold"]) if cfg["class_balance"] == "sampling" else None
+    steps_per_epoch = math.ceil(len(train_idx) * (repeat.mean() if repeat is not None else 1) / cfg["batch_size"])
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
+    criterion = build_criterion(cfg, train_labels)
+    ema = build_ema(model, cfg)
     start_epoch, start_step, carry, best = 1, 0, None, -1.0
     if resume:
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
+        if ema is not None and resume.get("ema"):
+            ema.load_state_dict(resume["ema"])
         torch.set_rng_state(resume["torch_rng"])
         best = resume["best_score"]
         if (dirs["checkpoint"] / "best_model.pth").is_file():   # a kill between the two saves
@@ -1244,11 +1650,11 @@ def train(cfg, log=print):
     stop = StopFlag().install()
     best_path = dirs["checkpoint"] / "best_model.pth"
     last_path = dirs["checkpoint"] / "last.pth"
-    epoch = start_epoch
+    epoch, best_seen = start_epoch, None
 
     def save_interrupted(step, carry_now):
         save_checkpoint(last_path, checkpoint_state(model, optimizer, scheduler, cfg, run_id, epoch, step,
-                                                    best, None, carry_now))
+                                                    best, None, carry_now, ema))
 
     try:
         for epoch in range(start_epoch, cfg["epochs"] + 1):
@@ -1257,32 +1663,43 @@ def train(cfg, log=print):
                 train_loss, seen, seconds = train_one_epoch(
                     net, optimizer, images, labels, train_idx, device, cfg, epoch,
                     start_step if epoch == start_epoch else 0, carry if epoch == start_epoch else None,
-                    stop, save_interrupted)
+                    stop, save_interrupted, scheduler=scheduler, criterion=criterion, ema=ema, repeat=repeat)
+                t_val = time.time()
+                val_loss, probs, report, use_ema = evaluate_both(net, ema, images, data.labels, val_idx, device,
+                                                                 cfg, taus)
             except torch.cuda.OutOfMemoryError:
                 raise UserError(f"CUDA ran out of memory at batch size {cfg['batch_size']}: try "
                                 f"--batch-size {max(cfg['batch_size'] // 2, 1)}") from None
-            t_val = time.time()
-            val_loss, probs = evaluate(net, images, data.labels, val_idx, device, cfg)
-            report = validation_report(val_y, probs, taus)
-            scheduler.step()
             row = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "val_loss": val_loss,
-                   **scalar_metrics(report), "images_per_s": seen / max(seconds, 1e-9),
+                   **scalar_metrics(report), "ema": int(use_ema), "images_per_s": seen / max(seconds, 1e-9),
                    "epoch_s": seconds + time.time() - t_val}
             rows.append(row)
             write_metrics_csv(metrics_path, rows)
             log_tensorboard(writer, epoch, row, report)
             log(epoch_line(epoch, cfg["epochs"], row))
-            state = checkpoint_state(model, optimizer, scheduler, cfg, run_id, epoch, 0, best, report, None)
+            calibration = None
             if report["best"]["f1"] > best:
                 best = report["best"]["f1"]
-                state["best_score"] = best
+                calibration = calibrate_thresholds(val_y, probs, taus, cfg["thresholds"], seed=cfg["seed"])
+                log("  " + describe_calibration(calibration))
+                state = checkpoint_state(model, optimizer, scheduler, cfg, run_id, epoch, 0, best, report, None,
+                                         ema, use_ema, calibration)
                 save_checkpoint(best_path, state)
                 write_per_class(dirs["output"] / "per_class.csv", report)
-                best_report = report
-            state["best_score"] = best
+                atomic_write_text(dirs["output"] / "thresholds.json", json.dumps(
+                    dict(calibration, epoch=epoch, strength=str(calibration["strength"])), indent=1))
+                best_seen = (epoch, report, probs, calibration)
+            state = checkpoint_state(model, optimizer, scheduler, cfg, run_id, epoch, 0, best, report, None,
+                                     ema, use_ema, calibration)
             save_checkpoint(dirs["checkpoint"] / f"epoch_{epoch:03d}.pth", state)
             save_checkpoint(last_path, state)
             prune_epoch_files(dirs["checkpoint"], cfg["keep_epochs"])
+        if best_seen is not None:
+            b_epoch, b_report, b_probs, b_cal = best_seen
+            log(f"best epoch {b_epoch}: F1 {best:.4f} at tau {b_report['tau']:.2f}\n{class_summary(b_report)}")
+            if cfg["reports"]:
+                write_reports(dirs["output"], writer, b_epoch, b_report, b_probs, val_y, data.images, val_idx,
+                              b_cal, log)
     except StopRequested:
         code = 130 if stop.signum == signal.SIGINT else 143
         log(f"stopped during epoch {epoch}; state saved in {last_path}\nresume with:\n"
@@ -1292,11 +1709,10 @@ def train(cfg, log=print):
         stop.restore()
         if writer is not None:
             writer.close()
-    if "best_report" in locals():
-        log(f"best epoch F1 {best:.4f} at tau {best_report['tau']:.2f}\n{class_summary(best_report)}")
     best_state = load_checkpoint(best_path) if best_path.is_file() else None
     return {"run_id": run_id, "best_score": best, "best_path": best_path, "last_path": last_path,
-            "threshold": best_state["threshold"] if best_state else 0.5, "dirs": dirs}
+            "threshold": best_state["threshold"] if best_state else 0.5, "dirs": dirs,
+            "thresholds": best_state["thresholds"] if best_state else {}}
 
 
 def main(argv=None):

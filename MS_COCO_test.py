@@ -132,7 +132,8 @@ def predict_folder(state, test_dir, cfg):
     device = M.pick_device(cfg["device"])
     model = M.model_from_checkpoint(state).to(device)
     images, bad = M.decode_all(paths, state["image_size"], threads=cfg["loader_threads"], desc="test images")
-    probs = M.predict(model, images, device, cfg["batch_size"], amp=True, mean=state["mean"], std=state["std"])
+    probs = M.predict(model, images, device, cfg["batch_size"], amp=True, mean=state["mean"], std=state["std"],
+                      tta=state.get("tta", False))
     for i, why in bad:
         print(f"warning: {paths[i]} cannot be read ({why}); it gets an empty prediction", file=sys.stderr)
         probs[i] = np.nan
@@ -150,13 +151,20 @@ def export(cfg):
     if (~finite).sum() > sum(np.isnan(probs).all(1)):
         print(f"warning: {int((~finite).sum())} image(s) got non-finite scores; they get an empty prediction",
               file=sys.stderr)
-    pred = M.binarize(np.where(finite[:, None], probs, 0.0), state["threshold"]) & finite[:, None]
+    pred = M.apply_thresholds(np.where(finite[:, None], probs, 0.0), state["threshold"],
+                              state.get("min_one_label", False)) & finite[:, None]
     preds = predictions_dict(stems, pred)
     write_predictions(cfg["out"], preds, stems)
     per_image = pred.sum(1)
     print(f"wrote {cfg['out']}: {len(stems)} images, {per_image.mean():.2f} labels per image, "
-          f"{int((per_image == 0).sum())} with none (threshold {np.round(state['threshold'], 3).tolist() if np.ndim(state['threshold']) else state['threshold']})")
+          f"{int((per_image == 0).sum())} with none (thresholds: {describe_threshold(state)})")
     return preds
+
+
+def describe_threshold(state):
+    th = state["threshold"]
+    text = f"per class, {min(th):.2f}-{max(th):.2f}" if np.ndim(th) else f"global {th:.2f}"
+    return text + (", at least one label per image" if state.get("min_one_label") else "")
 
 
 def parse_config(argv=None):

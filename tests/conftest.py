@@ -42,7 +42,7 @@ def tiny_config(tmp_path, data_dir, **overrides):
     cfg.update(data_dir=str(data_dir), weights="none", image_size=32, batch_size=8, epochs=2, lr=2e-3,
                device="cpu", loader_threads=1, keep_epochs=-1, run_id="t",
                checkpoint_dir=str(tmp_path / "checkpoints"), output_dir=str(tmp_path / "outputs"),
-               runs_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"))
+               runs_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"), reports=False)
     cfg.update(overrides)
     return cfg
 

@@ -17,7 +17,7 @@ from conftest import config_argv, tiny_config
 def trained(tmp_path_factory, tiny_source):
     """One 2-epoch CPU run through the command line, shared by the checks below."""
     tmp = tmp_path_factory.mktemp("run")
-    cfg = tiny_config(tmp, tiny_source)
+    cfg = tiny_config(tmp, tiny_source, reports=True)
     M.main(config_argv(cfg))
     return tmp, cfg
 
@@ -26,7 +26,10 @@ def test_training_writes_every_file(trained):
     tmp, cfg = trained
     ck, out, runs = tmp / "checkpoints" / "t", tmp / "outputs" / "t", tmp / "runs" / "t"
     assert {p.name for p in ck.iterdir()} == {"best_model.pth", "last.pth", "epoch_001.pth", "epoch_002.pth"}
-    assert {"metrics.csv", "per_class.csv", "config.json", "split.json"} <= {p.name for p in out.iterdir()}
+    assert {"metrics.csv", "per_class.csv", "config.json", "split.json", "thresholds.json", "per_class_f1.png",
+            "threshold_sweep.png", "pr_rare_classes.png", "val_predictions.png"} <= {p.name for p in out.iterdir()}
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert list(runs.glob("events.out.tfevents.*"))
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2"]
@@ -89,11 +92,19 @@ def test_export_uses_the_stored_threshold_on_probabilities(trained, tiny_source,
     stems, probs = T.predict_folder(state, tiny_source / "images" / "test-resized", cfg)
     assert ((probs >= 0) & (probs <= 1)).all()
     path = tmp_path / "ckpt.pth"
-    for thr in (0.0, 1.01):                                 # everything / nothing passes
-        M.save_checkpoint(path, dict(state, threshold=thr))
+    for thr, min_one, count in ((0.0, False, 80), (1.01, False, 0), (1.01, True, 1)):
+        M.save_checkpoint(path, dict(state, threshold=thr, min_one_label=min_one))
         preds = T.main(["--ckpt", str(path), "--test-dir", str(tiny_source / "images" / "test-resized"),
                         "--out", str(tmp_path / "p.json"), "--device", "cpu"])
-        assert all(len(v) == (80 if thr == 0 else 0) for v in preds.values())
+        assert all(len(v) == count for v in preds.values())
+    top = probs.argmax(1)
+    assert [preds[s] for s in stems] == [[int(c)] for c in top]          # min_one adds the top class
+    per_class = np.full(80, 1.01)
+    per_class[top[0]] = 0.0                                             # one class always passes
+    M.save_checkpoint(path, dict(state, threshold=per_class.tolist(), min_one_label=False))
+    preds = T.main(["--ckpt", str(path), "--test-dir", str(tiny_source / "images" / "test-resized"),
+                    "--out", str(tmp_path / "p.json"), "--device", "cpu"])
+    assert all(v == [int(top[0])] for v in preds.values())
 
 
 def test_export_finds_the_newest_run(trained, tiny_source, tmp_path, monkeypatch):
