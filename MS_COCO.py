@@ -872,26 +872,30 @@ def fit_thresholds(y, probs, taus, strength=None, folds=4, seed=0):
     return tau, per_class, strength
 
 
-def calibrate_thresholds(y, probs, taus, mode="auto", folds=5, seed=0):
+def calibrate_thresholds(y, probs, taus, mode="auto", folds=5, seed=0, repeats=3):
     """Thresholds for the export, and an honest estimate of what each option gains: every
     option is fitted on 4/5 of the validation images and scored on the other fifth (out of
     fold, strength chosen inside the fitting part), so no figure comes from the images that
-    chose it. mode auto keeps the option with the best held-out challenge F1."""
+    chose it. The split is repeated with `repeats` seeds and averaged because one split of a
+    small validation set is noisy. mode auto keeps the option with the best held-out F1."""
     y, probs = np.asarray(y, bool), np.asarray(probs, np.float64)
-    oof = {name: np.zeros_like(y, bool) for name in THRESHOLD_OPTIONS}
-    for held in folds_of(len(y), folds, seed):
-        fit = np.setdiff1d(np.arange(len(y)), held)
-        tau, per_class, _ = fit_thresholds(y[fit], probs[fit], taus, seed=seed)
-        for name in THRESHOLD_OPTIONS:
-            th = per_class if name.startswith("per_class") else tau
-            oof[name][held] = apply_thresholds(probs[held], th, name.endswith("+top1"))
-    heldout = {name: challenge_scores(y, pred)["f1"] for name, pred in oof.items()}
+    heldout = {name: 0.0 for name in THRESHOLD_OPTIONS}
+    for r in range(repeats):
+        oof = {name: np.zeros_like(y, bool) for name in THRESHOLD_OPTIONS}
+        for held in folds_of(len(y), folds, seed + r):
+            fit = np.setdiff1d(np.arange(len(y)), held)
+            tau, per_class, _ = fit_thresholds(y[fit], probs[fit], taus, seed=seed + r)
+            for name in THRESHOLD_OPTIONS:
+                th = per_class if name.startswith("per_class") else tau
+                oof[name][held] = apply_thresholds(probs[held], th, name.endswith("+top1"))
+        for name, pred in oof.items():
+            heldout[name] += challenge_scores(y, pred)["f1"] / repeats
     chosen = max(THRESHOLD_OPTIONS, key=lambda n: heldout[n]) if mode == "auto" else mode
     tau, per_class, strength = fit_thresholds(y, probs, taus, seed=seed)
     threshold = [float(t) for t in per_class] if chosen.startswith("per_class") else float(tau)
     return {"chosen": chosen, "threshold": threshold, "min_one": chosen.endswith("+top1"),
             "global_tau": float(tau), "per_class": [float(t) for t in per_class], "strength": strength,
-            "heldout_f1": heldout, "folds": folds}
+            "heldout_f1": heldout, "folds": folds, "repeats": repeats}
 
 
 def validation_report(y_true, probs, taus):
@@ -1030,7 +1034,10 @@ def epoch_batches(rows, batch_size, seed, epoch, repeat=None):
         extra = torch.rand(len(rows), generator=g).numpy() < (repeat - np.floor(repeat))
         rows = np.repeat(rows, (np.floor(repeat) + extra).astype(int))
     order = rows[torch.randperm(len(rows), generator=g).numpy()]
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if len(batches) > 1 and len(batches[-1]) == 1:            # BatchNorm cannot train on one image
+        batches[-2:] = [np.concatenate(batches[-2:])]
+    return batches
 
 
 def autocast(device, enabled):

@@ -231,3 +231,10 @@ def test_gpu_augmentation_matches_cpu():
         assert sorted(order_c.tolist()) == sorted(order_g.tolist())
         a = M.augment_batch(xg, torch.Generator().manual_seed(0))
         assert a.device.type == "cuda" and a.shape == (8, 3, 16, 16)
+
+
+def test_a_lone_last_image_joins_the_previous_batch():
+    batches = M.epoch_batches(np.arange(33), 16, seed=0, epoch=1)
+    assert [len(b) for b in batches] == [16, 17]              # BatchNorm cannot train on a batch of one
+    assert sorted(np.concatenate(batches).tolist()) == list(range(33))
+    assert [len(b) for b in M.epoch_batches(np.arange(1), 16, seed=0, epoch=1)] == [1]
