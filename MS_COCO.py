@@ -362,7 +362,12 @@ def load_train_set(cfg, log=print):
     label_paths = [Path(layout["train_labels"]) / f"{s}.cls" for s in stems]
     size = cfg["image_size"]
     images = labels = bad = None
-    if cfg["cache"]:
+    use_cache = cfg["cache"]
+    if not use_cache and len(stems) * 3 * size * size > 0.8 * available_ram_bytes():
+        log(f"data: {len(stems)} images at {size}px need more than the free RAM; "
+            f"using the memory-mapped cache despite --no-cache")
+        use_cache = True
+    if use_cache:
         cache_dir = resolve_cache_dir(cfg)
         tag = f"train_{size}" + (f"_n{len(stems)}" if cfg["max_images"] else "")
         key = source_fingerprint(paths + label_paths, f"v{CACHE_VERSION}:{size}")
@@ -373,7 +378,7 @@ def load_train_set(cfg, log=print):
     if images is None:
         labels = read_labels(layout["train_labels"], stems)
         t0 = time.time()
-        if cfg["cache"]:
+        if use_cache:
             images, bad = build_cache(cache_dir, tag, key, paths, stems, labels, size, cfg["loader_threads"])
         else:
             images, bad = decode_all(paths, size, threads=cfg["loader_threads"])
@@ -381,6 +386,20 @@ def load_train_set(cfg, log=print):
         log(f"decoded {len(stems)} images at {size}px in {time.time() - t0:.1f}s "
             f"({len(stems) / max(time.time() - t0, 1e-9):.0f} img/s)")
     return drop_bad(ImageSet(stems, images, labels, bad), cfg["max_bad_fraction"], log)
+
+
+def available_ram_bytes():
+    """Memory the OS can still give us (MemAvailable on Linux), or infinity when unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return float("inf")
 
 
 def open_cache(cache_dir, tag, key):
