@@ -29,6 +29,7 @@ PREDICTIONS = ""                            # score this existing JSON against -
 BATCH_SIZE = 256                            # images per forward pass
 DEVICE = "auto"                             # auto (cuda when present) | cpu | cuda
 LOADER_THREADS = 0                          # decode threads (0 = one per core)
+THRESHOLDS = ""                             # "" = the checkpoint's choice | global | per_class | global+top1 | per_class+top1
 
 
 def newest_checkpoint(checkpoint_dir):
@@ -142,7 +143,7 @@ def predict_folder(state, test_dir, cfg):
 
 def export(cfg):
     ckpt = Path(cfg["ckpt_path"]) if cfg["ckpt_path"] else newest_checkpoint(cfg["checkpoint_dir"])
-    state = M.load_checkpoint(ckpt)
+    state = choose_thresholds(M.load_checkpoint(ckpt), cfg["thresholds"])
     test_dir = find_test_dir(cfg["test_dir"])
     print(f"checkpoint {ckpt} (run {state['run_id']}, epoch {state['epoch']}, {state['arch']}, "
           f"validation F1 {state['val_metrics'].get('f1', float('nan')):.4f}); test images {test_dir}")
@@ -159,6 +160,20 @@ def export(cfg):
     print(f"wrote {cfg['out']}: {len(stems)} images, {per_image.mean():.2f} labels per image, "
           f"{int((per_image == 0).sum())} with none (thresholds: {describe_threshold(state)})")
     return preds
+
+
+def choose_thresholds(state, option):
+    """The checkpoint's thresholds, or another of the options it stores (global tau* and the
+    fitted per-class thresholds), so switching needs no retraining."""
+    if not option:
+        return state
+    if option not in M.THRESHOLD_OPTIONS:
+        raise M.UserError(f"unknown --thresholds {option!r}: {', '.join(M.THRESHOLD_OPTIONS)} (or leave it empty)")
+    cal = state.get("thresholds") or {}
+    if "global_tau" not in cal or "per_class" not in cal:
+        raise M.UserError("this checkpoint stores only its chosen threshold; leave --thresholds empty")
+    th = [float(t) for t in cal["per_class"]] if option.startswith("per_class") else float(cal["global_tau"])
+    return {**state, "threshold": th, "min_one_label": option.endswith("+top1")}
 
 
 def describe_threshold(state):

@@ -23,7 +23,7 @@ import MS_COCO as M
 
 DATA_DIR = "demo-data"                 # dataset in the challenge layout (the demo's is generated when absent)
 OUT_DIR = "outputs/ablation"           # table.md, runs.json, and every run's folders
-VARIANTS = "default,asl,pos_weight,sampling,ema,augment,cosine,tta,strong-v1,pos_weight+ema+tta,sampling+asl+ema+tta,strong"   # comma-separated names of VARIANT_OPTIONS
+VARIANTS = "default,asl,pos_weight,sampling,ema,augment,cosine,tta,strong-v1,pos_weight+ema+tta,pos_weight+asl+ema+tta,sampling+asl+ema+tta,strong,default-longer"   # comma-separated names of VARIANT_OPTIONS
 SEEDS = "0,1,2"                        # one run per seed and variant
 EPOCHS = 10                            # the fixed budget of every run
 IMAGE_SIZE = 64                        # px
@@ -51,6 +51,9 @@ VARIANT_OPTIONS = {
                       schedule="cosine", warmup_epochs=1.0, optimizer="adamw", weight_decay=1e-4),
     "pos_weight+ema+tta": dict(class_balance="pos_weight", ema_decay=0.998, tta=True),
     "sampling+asl+ema+tta": dict(class_balance="sampling", loss="asl", ema_decay=0.998, tta=True),
+    "pos_weight+asl+ema+tta": dict(class_balance="pos_weight", loss="asl", ema_decay=0.998, tta=True),
+    # The default recipe given the strong recipe's wall time (its sampling, EMA and TTA cost ~25%).
+    "default-longer": dict(epochs=13, lr_step=9),
 }
 
 

@@ -174,13 +174,20 @@ def test_strong_recipe_runs_end_to_end(tmp_path, tiny_source):
     result = M.train(cfg, log=lambda *_: None)
     state = M.load_checkpoint(result["best_path"])
     assert state["tta"] and state["ema"] is not None and state["weights_source"] in ("ema", "raw")
-    assert state["config"]["loss"] == "asl" and state["config"]["schedule"] == "cosine"
+    assert state["config"]["loss"] == "asl" and state["config"]["class_balance"] == "sampling"   # given wins
     assert set(state["thresholds"]["heldout_f1"]) == set(M.THRESHOLD_OPTIONS)
     saved = json.loads((tmp_path / "outputs" / "t" / "thresholds.json").read_text())
     assert saved["chosen"] == state["thresholds"]["chosen"]
     preds = T.main(["--ckpt", str(result["best_path"]), "--test-dir", str(tiny_source / "images" / "test-resized"),
                     "--out", str(tmp_path / "p.json"), "--device", "cpu"])
     T.check_predictions(preds, sorted(preds))
+    forced = T.main(["--ckpt", str(result["best_path"]), "--test-dir", str(tiny_source / "images" / "test-resized"),
+                     "--out", str(tmp_path / "q.json"), "--device", "cpu", "--thresholds", "per_class+top1"])
+    assert sorted(forced) == sorted(preds) and all(len(v) >= 1 for v in forced.values())
+    with pytest.raises(SystemExit) as exc:
+        T.main(["--ckpt", str(result["best_path"]), "--test-dir", str(tiny_source / "images" / "test-resized"),
+                "--out", str(tmp_path / "r.json"), "--device", "cpu", "--thresholds", "best"])
+    assert exc.value.code == 2 and not (tmp_path / "r.json").exists()
     resumed = tiny_config(tmp_path, tiny_source, epochs=3, resume=str(result["last_path"]))
     M.train(resumed, log=lambda *_: None)                     # EMA and sampling state come back
     assert M.load_checkpoint(result["last_path"])["epoch"] == 3
