@@ -23,7 +23,7 @@ import MS_COCO as M
 
 DATA_DIR = "demo-data"                 # dataset in the challenge layout (the demo's is generated when absent)
 OUT_DIR = "outputs/ablation"           # table.md, runs.json, and every run's folders
-VARIANTS = "default,asl,pos_weight,sampling,ema,augment,cosine,tta,strong-v1,pos_weight+ema+tta,pos_weight+asl+ema+tta,sampling+asl+ema+tta,strong,default-longer"   # comma-separated names of VARIANT_OPTIONS
+VARIANTS = "default,asl,pos_weight,sampling,ema,augment,cosine,tta,strong-v1,pos_weight+ema+tta,pos_weight+asl+ema+tta,sampling+asl+ema+tta,strong,default-longer,sampling+asl,sampling+asl-longer"   # comma-separated names of VARIANT_OPTIONS
 SEEDS = "0,1,2"                        # one run per seed and variant
 EPOCHS = 10                            # the fixed budget of every run
 IMAGE_SIZE = 64                        # px
@@ -54,7 +54,10 @@ VARIANT_OPTIONS = {
     "pos_weight+asl+ema+tta": dict(class_balance="pos_weight", loss="asl", ema_decay=0.998, tta=True),
     # The default recipe given the strong recipe's wall time (its sampling, EMA and TTA cost ~25%).
     "default-longer": dict(epochs=13, lr_step=9),
+    "sampling+asl": dict(class_balance="sampling", loss="asl"),
+    "sampling+asl-longer": dict(class_balance="sampling", loss="asl", epochs=13, lr_step=9),
 }
+BUDGET_KEYS = ("epochs", "lr_step", "image_size", "batch_size")   # options that change a variant's budget
 
 
 def parse_args(argv=None):
@@ -91,12 +94,18 @@ def fmt(values, digits=4):
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+def budget_note(variants):
+    changed = {v: {k: o for k, o in VARIANT_OPTIONS.get(v, {}).items() if k in BUDGET_KEYS} for v in variants}
+    parts = [f"{v}: " + ", ".join(f"{k} {o}" for k, o in c.items()) for v, c in changed.items() if c]
+    return f" (except {'; '.join(parts)})" if parts else ""
+
+
 def table(runs, args):
     variants = list(dict.fromkeys(r["variant"] for r in runs))
     seeds = sorted({r["seed"] for r in runs})
     lines = [f"Validation figures of the best epoch, mean ± sample std over seeds {seeds}; "
              f"{args['arch']} ({args['weights']}), {args['image_size']} px, batch {args['batch_size']}, "
-             f"{args['epochs']} epochs, data {args['data_dir']}.", "",
+             f"{args['epochs']} epochs, data {args['data_dir']}{budget_note(variants)}.", "",
              "| variant | challenge F1 @ global tau* | macro F1 | mAP | held-out F1, global | held-out F1, per-class "
              "| per-class gain | time (s) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for v in variants:
