@@ -163,18 +163,19 @@ def test_tta_is_the_mean_of_both_views():
 def test_recipe_fills_only_what_was_not_given():
     cfg = dict(M.default_config(), recipe="strong", loss="focal")
     M.apply_recipe(cfg)
-    assert cfg["loss"] == "focal" and cfg["ema_decay"] == M.RECIPES["strong"]["ema_decay"] and cfg["tta"]
+    assert cfg["loss"] == "focal" and cfg["class_balance"] == M.RECIPES["strong"]["class_balance"] == "sampling"
     assert M.apply_recipe(M.default_config()) == M.default_config()
     with pytest.raises(M.UserError, match="--recipe"):
         M.apply_recipe(dict(M.default_config(), recipe="magic"))
 
 
 def test_strong_recipe_runs_end_to_end(tmp_path, tiny_source):
-    cfg = tiny_config(tmp_path, tiny_source, recipe="strong", class_balance="sampling", epochs=2)
+    cfg = tiny_config(tmp_path, tiny_source, recipe="strong", class_balance="pos_weight", ema_decay=0.9, tta=True,
+                      epochs=2)
     result = M.train(cfg, log=lambda *_: None)
     state = M.load_checkpoint(result["best_path"])
     assert state["tta"] and state["ema"] is not None and state["weights_source"] in ("ema", "raw")
-    assert state["config"]["loss"] == "asl" and state["config"]["class_balance"] == "sampling"   # given wins
+    assert state["config"]["loss"] == "asl" and state["config"]["class_balance"] == "pos_weight"   # given wins
     assert set(state["thresholds"]["heldout_f1"]) == set(M.THRESHOLD_OPTIONS)
     saved = json.loads((tmp_path / "outputs" / "t" / "thresholds.json").read_text())
     assert saved["chosen"] == state["thresholds"]["chosen"]
