@@ -170,12 +170,12 @@ def test_recipe_fills_only_what_was_not_given():
 
 
 def test_strong_recipe_runs_end_to_end(tmp_path, tiny_source):
-    cfg = tiny_config(tmp_path, tiny_source, recipe="strong", class_balance="pos_weight", ema_decay=0.9, tta=True,
+    cfg = tiny_config(tmp_path, tiny_source, recipe="strong", loss="focal", ema_decay=0.9, tta=True,
                       epochs=2)
     result = M.train(cfg, log=lambda *_: None)
     state = M.load_checkpoint(result["best_path"])
     assert state["tta"] and state["ema"] is not None and state["weights_source"] in ("ema", "raw")
-    assert state["config"]["loss"] == "asl" and state["config"]["class_balance"] == "pos_weight"   # given wins
+    assert state["config"]["loss"] == "focal" and state["config"]["class_balance"] == "sampling"   # given wins
     assert set(state["thresholds"]["heldout_f1"]) == set(M.THRESHOLD_OPTIONS)
     saved = json.loads((tmp_path / "outputs" / "t" / "thresholds.json").read_text())
     assert saved["chosen"] == state["thresholds"]["chosen"]
