@@ -300,30 +300,33 @@ def decode_image(path, size):
         return np.asarray(img, np.uint8).transpose(2, 0, 1)
 
 
-def decode_all(paths, size, out=None, threads=0, desc="decode"):
+def decode_all(paths, size, out=None, threads=0, desc="decode", block=64):
     """Decode paths into out[i] (an array or memmap of shape (N, 3, size, size)) with a
-    thread pool: Pillow releases the GIL while decoding and resizing. Returns the indices
-    of files that could not be read, with the reason."""
+    thread pool: Pillow releases the GIL while decoding and resizing. Each task is a block
+    of images, as one future per image costs more than decoding a small JPEG. Returns the
+    indices of files that could not be read, with the reason."""
     if out is None:
         out = np.zeros((len(paths), 3, size, size), np.uint8)
-    bad = []
 
-    def work(i):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
+    def work(lo):
+        bad = []
+        for i in range(lo, min(lo + block, len(paths))):
+            try:
                 out[i] = decode_image(paths[i], size)
-            return None
-        except Exception as exc:  # any unreadable file is reported, never fatal here
-            out[i] = 0
-            return i, f"{type(exc).__name__}: {exc}"
+            except Exception as exc:  # any unreadable file is reported, never fatal here
+                out[i] = 0
+                bad.append((i, f"{type(exc).__name__}: {exc}"))
+        return min(block, len(paths) - lo), bad
 
+    bad = []
     threads = threads or os.cpu_count() or 1
-    with ThreadPoolExecutor(threads) as pool:
-        for result in tqdm(pool.map(work, range(len(paths)), chunksize=64), total=len(paths),
-                           desc=desc, unit="img", disable=None, leave=False):
-            if result is not None:
-                bad.append(result)
+    # Warning filters are process-wide, so one setting here covers every worker thread.
+    with warnings.catch_warnings(), ThreadPoolExecutor(threads) as pool, \
+            tqdm(total=len(paths), desc=desc, unit="img", disable=None, leave=False) as bar:
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        for count, errors in pool.map(work, range(0, len(paths), block)):
+            bar.update(count)
+            bad += errors
     return out, bad
 
 

@@ -250,6 +250,20 @@ def test_decode_all_reports_bad_files_and_decodes_the_rest(tmp_path, threads):
     assert np.array_equal(out[3], MS_COCO.decode_image(good2, SIZE))
 
 
+def test_decode_all_across_blocks_keeps_every_image_in_its_row(tmp_path):
+    _, bad = make_bad_files(tmp_path)
+    paths = []
+    for i in range(81):                                # blocks of 8 over 3 threads; each image's colour is its row
+        paths.append(tmp_path / f"c{i}.png")
+        Image.new("RGB", (12, 9), (i * 3, 255 - i * 3, 7)).save(paths[-1])
+    paths[40], paths[71] = bad["truncated"], bad["empty"]
+    out, reported = MS_COCO.decode_all(paths, SIZE, threads=3, block=8)
+    assert sorted(i for i, _ in reported) == [40, 71]
+    assert not out[40].any() and not out[71].any()
+    for i in set(range(81)) - {40, 71}:
+        assert out[i, :, 0, 0].tolist() == [i * 3, 255 - i * 3, 7]
+
+
 def test_decode_all_treats_a_decompression_bomb_as_bad(tmp_path, monkeypatch):
     small, big = tmp_path / "small.png", tmp_path / "bomb.png"
     Image.new("RGB", (20, 20)).save(small)
