@@ -22,7 +22,8 @@ def test_bench_main_writes_positive_figures(tmp_path):
     assert len(list((tmp_path / "bench" / "ms-coco" / "images" / "train-resized").glob("*.jpg"))) == 20
     positive = {
         "decode": ["cache_build_img_s", "pil_1thread_img_s", "pil_threads_img_s", "cache_vs_pil_1thread",
-                   "cache_vs_pil_threads", "warm_start_s", "warm_start_full_s"],
+                   "cache_vs_pil_threads", "warm_start_s", "warm_start_full_s", "cold_start_img_s",
+                   "cold_start_vs_pil_1thread"],
         "train": ["ours_img_s", "baseline_img_s", "model_only_img_s", "ours_over_model", "ours_over_baseline"],
         "memory": ["peak_rss_mb"],
         "sweep": ["seconds"],
@@ -31,5 +32,6 @@ def test_bench_main_writes_positive_figures(tmp_path):
         for key in keys:
             assert r[section][key] > 0, (section, key)
     assert r["decode"]["warm_cache_hit"] is True
+    assert r["decode"]["cache_build_s"] <= r["decode"]["cold_start_s"]
     assert r["memory"]["peak_gpu_mb"] is None
     assert r["sweep"]["rows"] == 300 and r["sweep"]["classes"] == 80
