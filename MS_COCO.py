@@ -1,6 +1,6 @@
 """Train a multi-label classifier for the MS-COCO challenge (80 classes).
 
-    python MS_COCO.py --demo             # no data, no download: builds demo-data/, trains ~2 min on CPU, exports
+    python MS_COCO.py --demo             # no data, no download: builds demo-data/, trains ~2.5 min on CPU, exports
     python MS_COCO.py                    # the real run on ms-coco/ (ResNet-18, ImageNet, 100 epochs)
     python MS_COCO.py --help             # every constant below, overridable as --name-with-dashes
     python MS_COCO.py --resume checkpoints/<run_id>/last.pth
@@ -13,6 +13,10 @@ outputs/<run_id>/ (metrics.csv, per_class.csv, split.json, config.json) and runs
 How it is fast: images are decoded once (in parallel) into a uint8 cache at the training
 size, memory-mapped on later launches; batches leave the cache as uint8, are moved to the
 device by a prefetch thread and cropped, flipped and normalised there in one batched op.
+
+Measured on 2 cores of an AMD EPYC VM, no GPU (readme: Speed, Accuracy): the demo in 154 s
+(validation challenge F1 0.574); 65k cached images start in 3.6 s; training runs at the
+model's own speed (158 img/s at 64 px). No GPU figure has been measured yet.
 """
 
 import argparse
