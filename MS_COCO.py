@@ -1759,8 +1759,9 @@ def main(argv=None):
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt:   # before the first step (later ones are caught by StopFlag and saved)
+        print("interrupted before training started: nothing to resume, run the same command again",
+              file=sys.stderr)
         raise SystemExit(130)
 
 

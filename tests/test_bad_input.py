@@ -248,3 +248,12 @@ def test_non_finite_losses_in_a_real_run_keep_the_last_good_checkpoint(tmp_path,
     assert (tmp_path / "checkpoints" / "t" / "last.pth").read_bytes() == good
     state = M.load_checkpoint(tmp_path / "checkpoints" / "t" / "best_model.pth")
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_ctrl_c_before_training_exits_130_without_traceback(monkeypatch, capsys):
+    def interrupted(cfg, log=print):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(M, "train", interrupted)
+    with pytest.raises(SystemExit) as exc:
+        M.main(["--epochs", "1"])
+    assert exc.value.code == 130 and "run the same command again" in capsys.readouterr().err
