@@ -12,7 +12,6 @@ rest, see MS_COCO.calibrate_thresholds). Writes a markdown table (mean +- sample
 and the per-run figures as JSON. No test data is read.
 """
 
-import argparse
 import json
 import statistics
 import sys
