@@ -146,7 +146,7 @@ RECIPES = {
     "strong": dict(loss="asl", class_balance="sampling"),
 }
 
-# The demo's recipe: small images and no download, so it fits ~2 minutes on 2 CPU cores.
+# The demo's recipe: small images and no download, so it fits ~2.5 minutes on 2 CPU cores.
 DEMO_OVERRIDES = dict(weights="none", image_size=64, epochs=20, batch_size=64, lr=2e-3,
                       lr_step=14, device="cpu", crop_scale_min=0.6, keep_epochs=1)
 
@@ -872,6 +872,12 @@ def apply_thresholds(probs, threshold, min_one=False):
 
 
 THRESHOLD_OPTIONS = ("global", "global+top1", "per_class", "per_class+top1")
+
+
+def option_thresholds(name, tau, per_class):
+    """(threshold(s), at least one label per image) that a THRESHOLD_OPTIONS name stands for."""
+    return (per_class if name.startswith("per_class") else tau), name.endswith("+top1")
+
 SHRINK_STRENGTHS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, float("inf"))
 
 
@@ -913,15 +919,15 @@ def calibrate_thresholds(y, probs, taus, mode="auto", folds=5, seed=0, repeats=3
             fit = np.setdiff1d(np.arange(len(y)), held)
             tau, per_class, _ = fit_thresholds(y[fit], probs[fit], taus, seed=seed + r)
             for name in THRESHOLD_OPTIONS:
-                th = per_class if name.startswith("per_class") else tau
-                oof[name][held] = apply_thresholds(probs[held], th, name.endswith("+top1"))
+                oof[name][held] = apply_thresholds(probs[held], *option_thresholds(name, tau, per_class))
         for name, pred in oof.items():
             heldout[name] += challenge_scores(y, pred)["f1"] / repeats
     chosen = max(THRESHOLD_OPTIONS, key=lambda n: heldout[n]) if mode == "auto" else mode
     tau, per_class, strength = fit_thresholds(y, probs, taus, seed=seed)
-    threshold = [float(t) for t in per_class] if chosen.startswith("per_class") else float(tau)
-    return {"chosen": chosen, "threshold": threshold, "min_one": chosen.endswith("+top1"),
-            "global_tau": float(tau), "per_class": [float(t) for t in per_class], "strength": strength,
+    per_class = [float(t) for t in per_class]
+    threshold, min_one = option_thresholds(chosen, float(tau), per_class)
+    return {"chosen": chosen, "threshold": threshold, "min_one": min_one,
+            "global_tau": float(tau), "per_class": per_class, "strength": strength,
             "heldout_f1": heldout, "folds": folds, "repeats": repeats}
 
 

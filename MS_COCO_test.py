@@ -171,8 +171,8 @@ def choose_thresholds(state, option):
     cal = state.get("thresholds") or {}
     if "global_tau" not in cal or "per_class" not in cal:
         raise M.UserError("this checkpoint stores only its chosen threshold; leave --thresholds empty")
-    th = [float(t) for t in cal["per_class"]] if option.startswith("per_class") else float(cal["global_tau"])
-    return {**state, "threshold": th, "min_one_label": option.endswith("+top1")}
+    th, min_one = M.option_thresholds(option, float(cal["global_tau"]), [float(t) for t in cal["per_class"]])
+    return {**state, "threshold": th, "min_one_label": min_one}
 
 
 def describe_threshold(state):

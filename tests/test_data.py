@@ -166,7 +166,6 @@ def test_split_is_seeded_and_keeps_rare_classes_on_both_sides():
         assert labels[a_train, c].any() and labels[a_val, c].any(), c
 
 
-
 def test_a_dataset_larger_than_free_ram_uses_the_memory_mapped_cache(tmp_path, tiny_data, monkeypatch):
     monkeypatch.setattr(M, "available_ram_bytes", lambda: 1000)      # pretend the machine is nearly full
     lines = []
@@ -175,6 +174,7 @@ def test_a_dataset_larger_than_free_ram_uses_the_memory_mapped_cache(tmp_path, t
     assert isinstance(data.images, np.memmap) and len(data.images) == len(data.stems)
     monkeypatch.setattr(M, "available_ram_bytes", lambda: float("inf"))
     assert not isinstance(M.load_train_set(tiny_config(tmp_path, tiny_data, cache=False), log=print).images, np.memmap)
+
 
 def test_split_json_written_and_reused(tmp_path, tiny_data):
     cfg = tiny_config(tmp_path, tiny_data, epochs=1)

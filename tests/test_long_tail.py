@@ -67,8 +67,8 @@ def test_calibration_reports_held_out_gains_and_never_zeroes_an_absent_class():
 def test_at_least_one_label_per_image():
     probs = np.array([[0.9, 0.2, 0.1], [0.1, 0.3, 0.2], [np.nan, np.nan, np.nan]])
     pred = M.apply_thresholds(probs, 0.5, min_one=True)
-    assert pred.tolist() == [[True, False, False], [False, True, False], [True, False, False]] or \
-        pred[:2].tolist() == [[True, False, False], [False, True, False]]
+    assert pred[:2].tolist() == [[True, False, False], [False, True, False]]
+    assert pred[2].sum() <= 1                                 # an unreadable row: the export empties it anyway
     assert M.apply_thresholds(probs[:2], 0.5, min_one=False).tolist() == [[True, False, False], [False] * 3]
 
 
