@@ -151,6 +151,27 @@ DEMO_OVERRIDES = dict(weights="none", image_size=64, epochs=20, batch_size=64, l
                       lr_step=14, device="cpu", crop_scale_min=0.6, keep_epochs=1)
 
 
+# The values each string option accepts (shown by --help, checked before anything is written).
+CHOICES = {
+    "freeze": ("none", "backbone", "partial"),
+    "schedule": ("step", "cosine"),
+    "optimizer": ("adam", "adamw", "sgd"),
+    "loss": ("bce", "asl", "focal"),
+    "class_balance": ("none", "pos_weight", "sampling"),
+    "thresholds": ("global", "per_class", "global+top1", "per_class+top1", "auto"),
+    "recipe": tuple(RECIPES),
+}
+# The interval each numeric option must lie in.
+RANGES = {
+    "dropout": "[0, 1)", "image_size": "[16, 4096]", "batch_size": ">= 1", "epochs": ">= 1", "lr": "> 0",
+    "lr_step": ">= 1", "lr_gamma": "(0, 1]", "warmup_epochs": ">= 0", "weight_decay": ">= 0",
+    "momentum": "[0, 1)", "crop_scale_min": "(0, 1]", "cutout": "[0, 1)", "asl_gamma_neg": ">= 0",
+    "asl_gamma_pos": ">= 0", "asl_clip": "[0, 1)", "focal_gamma": ">= 0", "sampling_threshold": "(0, 1]",
+    "ema_decay": "[0, 1)", "val_fraction": "(0, 1)", "seed": ">= 0", "threshold_min": "(0, 1)",
+    "threshold_max": "(0, 1)", "threshold_step": "(0, 1)", "loader_threads": ">= 0", "max_images": ">= 0",
+    "max_bad_fraction": "[0, 1]", "max_bad_steps": ">= 1", "keep_epochs": ">= -1",
+}
+
 class UserError(Exception):
     """A problem the user can fix (bad path, bad file, bad option): printed without a traceback, exit 2."""
 
@@ -169,22 +190,107 @@ def default_config():
     return {k: v for k, (v, _) in module_constants(sys.modules[__name__]).items()}
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (the promise for bad input), exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(module, description):
-    """argparse options generated from a module's constants: --name-with-dashes, typed by the default."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """argparse options generated from a module's constants: --name-with-dashes, typed by the
+    default, with the module's CHOICES. Defaults are SUPPRESSed so that parsing tells which
+    options were really on the command line (a value equal to the default counts as given)."""
+    parser = OneLineParser(description=description, argument_default=argparse.SUPPRESS)
+    choices = getattr(module, "CHOICES", {})
     for key, (value, text) in module_constants(module).items():
         flag = "--" + key.replace("_", "-")
+        text = f"{text} (default: {value!r})".replace("%", "%%")
         if isinstance(value, bool):
-            parser.add_argument(flag, default=value, action=argparse.BooleanOptionalAction, help=text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
         else:
-            parser.add_argument(flag, default=value, type=type(value), help=text)
+            parser.add_argument(flag, type=type(value), choices=choices.get(key), help=text)
     return parser
 
 
+def parse_options(module, description, argv=None):
+    """(config, given): every constant of module, overridden by the command line, and the set
+    of keys that were on it."""
+    given = vars(build_parser(module, description).parse_args(argv))
+    cfg = {k: v for k, (v, _) in module_constants(module).items()}
+    cfg.update(given)
+    validate_options(cfg, getattr(module, "RANGES", {}), getattr(module, "CHOICES", {}))
+    return cfg, set(given)
+
+
 def parse_config(argv=None):
-    parser = build_parser(sys.modules[__name__], "Train a multi-label MS-COCO classifier.")
-    return vars(parser.parse_args(argv))
+    return parse_options(sys.modules[__name__], "Train a multi-label MS-COCO classifier.", argv)[0]
+
+
+def in_range(value, spec):
+    """Whether value lies in an interval written as "[0, 1)", "(0, 1]", "> 0" or ">= 1"."""
+    m = re.fullmatch(r"\s*([>]=?)\s*(\S+)\s*", spec)
+    if m:
+        bound = float(m.group(2))
+        return value >= bound if m.group(1) == ">=" else value > bound
+    lo_b, lo, hi, hi_b = re.fullmatch(r"\s*([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])\s*", spec).groups()
+    lo, hi = float(lo), float(hi)
+    return (value >= lo if lo_b == "[" else value > lo) and (value <= hi if hi_b == "]" else value < hi)
+
+
+def validate_options(cfg, ranges, choices=None):
+    """Every option's value checked before anything is read or written: numbers against their
+    interval, names against their choices, the few cross-option rules; UserError names the option."""
+    for key, spec in ranges.items():
+        value = cfg.get(key)
+        if value is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value) or not in_range(value, spec):
+            where = spec if spec[0] in "<>" else "in " + spec
+            raise UserError(f"--{key.replace('_', '-')} {value} is out of range: it must be {where}")
+    for key, allowed in (choices or {}).items():
+        if key in cfg and cfg[key] not in allowed:
+            raise UserError(f"--{key.replace('_', '-')} {cfg[key]!r} is not one of: {', '.join(map(str, allowed))}")
+    if "threshold_min" in cfg and cfg["threshold_min"] >= cfg["threshold_max"]:
+        raise UserError(f"--threshold-min {cfg['threshold_min']} must be below --threshold-max {cfg['threshold_max']}")
+    if "run_id" in cfg and cfg["run_id"] and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", cfg["run_id"]):
+        raise UserError(f"--run-id {cfg['run_id']!r}: use letters, digits, '.', '_' and '-' only "
+                        f"(it becomes a folder name)")
+    if "device" in cfg:
+        check_device_name(cfg["device"])
+    return cfg
+
+
+def check_device_name(name):
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", name):
+        raise UserError(f"--device {name!r} is not a device: use auto, cpu, cuda, cuda:N (N = 0, 1, ...) or mps")
+
+
+# Which options a resume may change; everything else is the run's own (its split, model and
+# recipe stay). batch size, lr and amp are here because our own error messages suggest them.
+RESUMABLE = ("epochs", "device", "loader_threads", "compile", "data_on_gpu", "keep_epochs", "data_dir",
+             "cache_dir", "cache", "batch_size", "lr", "amp", "max_bad_steps", "reports", "channels_last")
+
+
+def merge_settings(cfg, given, run_config=None, log=print):
+    """The one place where settings are layered, lowest first: the constants, the run's own
+    settings on --resume (else the recipe's, then the demo's), then the options given on the
+    command line. On resume, a given option outside RESUMABLE is dropped with a warning."""
+    merged = dict(cfg)
+    if run_config is not None:
+        merged.update({k: v for k, v in run_config.items() if k in merged})
+        for key in sorted(given):
+            if key in RESUMABLE or key == "resume":
+                merged[key] = cfg[key]
+            elif cfg[key] != run_config.get(key):
+                log(f"warning: --{key.replace('_', '-')} {cfg[key]!r} ignored: a resumed run keeps its own "
+                    f"value {run_config.get(key)!r} (a resume may change: "
+                    f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE)})")
+        return merged
+    layers = [RECIPES[merged["recipe"]]] + ([DEMO_OVERRIDES] if merged["demo"] else [])
+    for layer in layers:
+        merged.update({k: v for k, v in layer.items() if k not in given})
+    return validate_options(merged, RANGES, CHOICES)
 
 
 # --------------------------------------------------------------------- data

@@ -30,6 +30,9 @@ DEVICE = "auto"                             # auto (cuda when present) | cpu | c
 LOADER_THREADS = 0                          # decode threads (0 = one per core)
 THRESHOLDS = ""                             # "" = the checkpoint's choice | global | per_class | global+top1 | per_class+top1
 
+CHOICES = {"thresholds": ("",) + M.THRESHOLD_OPTIONS}
+RANGES = {"batch_size": ">= 1", "loader_threads": ">= 0"}
+
 
 def newest_checkpoint(checkpoint_dir):
     found = sorted(Path(checkpoint_dir).glob("*/best_model.pth"), key=lambda p: p.stat().st_mtime)
@@ -182,14 +185,18 @@ def describe_threshold(state):
 
 
 def parse_config(argv=None):
-    parser = M.build_parser(sys.modules[__name__], "Write predictions.json from a trained checkpoint.")
-    parser.add_argument("--ckpt", dest="ckpt_path", default=CKPT_PATH, help="alias of --ckpt-path")
-    return vars(parser.parse_args(argv))
+    module = sys.modules[__name__]
+    parser = M.build_parser(module, "Write predictions.json from a trained checkpoint.")
+    parser.add_argument("--ckpt", dest="ckpt_path", help="alias of --ckpt-path")
+    given = vars(parser.parse_args(argv))
+    cfg = {k: v for k, (v, _) in M.module_constants(module).items()}
+    cfg.update(given)
+    return M.validate_options(cfg, RANGES, CHOICES)
 
 
 def main(argv=None):
-    cfg = parse_config(argv)
     try:
+        cfg = parse_config(argv)
         if cfg["predictions"]:
             if not cfg["labels"]:
                 raise M.UserError("--predictions needs --labels DIR to score against")
