@@ -287,6 +287,8 @@ def merge_settings(cfg, given, run_config=None, log=print):
                     f"value {run_config.get(key)!r} (a resume may change: "
                     f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE)})")
         return merged
+    if merged["recipe"] not in RECIPES:
+        raise UserError(f"unknown --recipe {merged['recipe']!r}: {', '.join(RECIPES)}")
     layers = [RECIPES[merged["recipe"]]] + ([DEMO_OVERRIDES] if merged["demo"] else [])
     for layer in layers:
         merged.update({k: v for k, v in layer.items() if k not in given})
@@ -324,13 +326,17 @@ def find_layout(data_dir):
 
 
 def list_images(folder):
+    """Image files of a folder, any case of suffix (.JPG too); hidden files (macOS ._ copies)
+    and folders are skipped. A broken link stays in: it is reported as unreadable."""
     folder = Path(folder)
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+                  and not p.is_dir())
 
 
 def list_labels(folder):
-    """The .cls files of a folder; hidden ones (macOS ._ copies) are skipped, like hidden images."""
-    return sorted(p for p in Path(folder).glob("*.cls") if not p.name.startswith("."))
+    """The .cls (or .CLS) files of a folder, skipping hidden ones and folders."""
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() == ".cls" and not p.name.startswith(".")
+                  and not p.is_dir())
 
 
 def parse_label_text(text, source="labels"):
@@ -359,12 +365,21 @@ def parse_label_text(text, source="labels"):
 
 
 def read_labels(label_dir, stems):
-    """An (N, 80) uint8 multi-hot matrix for the given stems."""
+    """An (N, 80) uint8 multi-hot matrix for the given stems (their .cls or .CLS files)."""
+    by_stem = {p.stem: p for p in list_labels(label_dir)}
     out = np.zeros((len(stems), NUM_CLASSES), np.uint8)
     for i, stem in enumerate(stems):
-        path = Path(label_dir) / f"{stem}.cls"
-        out[i, parse_label_text(path.read_bytes(), str(path))] = 1
+        path = by_stem.get(stem, Path(label_dir) / f"{stem}.cls")
+        out[i, parse_label_text(read_label_bytes(path), str(path))] = 1
     return out
+
+
+def read_label_bytes(path):
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        why = "a broken link" if Path(path).is_symlink() else (exc.strerror or type(exc).__name__)
+        raise UserError(f"label file {path} cannot be read ({why}): fix or remove it together with its image") from None
 
 
 def pair_images_and_labels(image_dir, label_dir):
@@ -382,6 +397,9 @@ def pair_images_and_labels(image_dir, label_dir):
         raise UserError(f"{image_dir} holds several images with the same name, e.g. {twins[:3]} "
                         f"(.jpg and .png?): keep one file per image")
     label_stems = {p.stem for p in labels}
+    if len(label_stems) < len(labels):
+        twins = sorted(s for s, n in Counter(p.stem for p in labels).items() if n > 1)
+        raise UserError(f"{label_dir} holds several label files for one image, e.g. {twins[:3]}: keep one")
     no_label = sorted(set(by_stem) - label_stems)
     no_image = sorted(label_stems - set(by_stem))
     problems = []
@@ -440,11 +458,18 @@ def decode_all(paths, size, out=None, threads=0, desc="decode", block=64):
     return out, bad
 
 
-def source_fingerprint(paths, extra=""):
+def source_fingerprint(paths, extra="", content=()):
+    """Key of a cache: names, sizes and times of the images, and the bytes of the (small)
+    label files, so a label edited in place with the same size and time is noticed."""
     h = hashlib.sha1(extra.encode())
     for p in paths:
-        st = os.stat(p)
-        h.update(f"{Path(p).name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        try:
+            st = os.stat(p)
+            h.update(f"{Path(p).name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:                     # a broken link: decoded (and reported) as unreadable
+            h.update(f"{Path(p).name}\0missing\n".encode())
+    for p in content:
+        h.update(Path(p).name.encode() + b"\0" + read_label_bytes(p) + b"\n")
     return h.hexdigest()
 
 
@@ -473,7 +498,8 @@ def load_train_set(cfg, log=print):
     stems, paths = pair_images_and_labels(layout["train_images"], layout["train_labels"])
     if cfg["max_images"]:
         stems, paths = stems[:cfg["max_images"]], paths[:cfg["max_images"]]
-    label_paths = [Path(layout["train_labels"]) / f"{s}.cls" for s in stems]
+    by_stem = {p.stem: p for p in list_labels(layout["train_labels"])}
+    label_paths = [by_stem[s] for s in stems]
     size = cfg["image_size"]
     images = labels = bad = None
     use_cache = cfg["cache"]
@@ -484,7 +510,7 @@ def load_train_set(cfg, log=print):
     if use_cache:
         cache_dir = resolve_cache_dir(cfg)
         tag = f"train_{size}" + (f"_n{len(stems)}" if cfg["max_images"] else "")
-        key = source_fingerprint(paths + label_paths, f"v{CACHE_VERSION}:{size}")
+        key = source_fingerprint(paths, f"v{CACHE_VERSION}:{size}", content=label_paths)
         images, index = open_cache(cache_dir, tag, key)
         if images is not None:
             log(f"cache: {len(stems)} images memory-mapped from {cache_dir / (tag + '.npy')}")
@@ -529,24 +555,29 @@ def open_cache(cache_dir, tag, key):
 
 def build_cache(cache_dir, tag, key, paths, stems, labels, size, threads):
     """Decode once into <cache_dir>/<tag>.npy (written beside, then renamed) and an index
-    with stems, labels, unreadable files and a fingerprint of the sources."""
+    with stems, labels, unreadable files and a fingerprint of the sources. The temporary file
+    (as large as the cache) is removed on any failure or Ctrl-C, and stale ones of this cache,
+    left by a killed launch, before starting."""
     cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
     npy = cache_dir / f"{tag}.npy"
     tmp = cache_dir / f".{tag}.{os.getpid()}.tmp.npy"
     try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        for stale in cache_dir.glob(f".{tag}.*.tmp.npy"):
+            stale.unlink(missing_ok=True)
         arr = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(paths), 3, size, size))
         arr, bad = decode_all(paths, size, out=arr, threads=threads, desc=f"cache {tag}")
         arr.flush()
         del arr
         os.replace(tmp, npy)
+        index = {"version": CACHE_VERSION, "key": key, "size": size, "stems": stems,
+                 "labels": labels.tolist(), "bad": [[stems[i], why] for i, why in bad]}
+        atomic_write_text(cache_dir / f"{tag}.json", json.dumps(index))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"could not write the image cache in {cache_dir} ({exc}); "
+        raise UserError(f"could not write the image cache in {cache_dir} ({exc.strerror or exc}); "
                         f"free some disk, pass --cache-dir elsewhere or --no-cache") from None
-    index = {"version": CACHE_VERSION, "key": key, "size": size, "stems": stems,
-             "labels": labels.tolist(), "bad": [[stems[i], why] for i, why in bad]}
-    atomic_write_text(cache_dir / f"{tag}.json", json.dumps(index))
+    finally:
+        tmp.unlink(missing_ok=True)
     return np.load(npy, mmap_mode="r"), bad
 
 
@@ -757,11 +788,11 @@ def load_imagenet_state(arch):
 def build_model(arch=ARCH, weights=WEIGHTS, num_classes=NUM_CLASSES, dropout=DROPOUT, freeze=FREEZE):
     """A torchvision backbone with its classifier replaced by a num_classes-way linear head."""
     from torchvision import models
-    try:
-        model = models.get_model(arch, weights=None)
-    except ValueError:
-        raise UserError(f"unknown --arch {arch!r}; try resnet18, resnet50, resnet101, "
-                        f"mobilenet_v3_small, efficientnet_b0 or convnext_tiny") from None
+    if arch not in models.list_models(module=models):      # classification models only
+        raise UserError(f"--arch {arch!r} is not one of torchvision's classification models "
+                        f"(torchvision.models.list_models()), e.g. resnet18, resnet50, efficientnet_b0, "
+                        f"convnext_tiny, regnet_y_400mf")
+    model = models.get_model(arch, weights=None)
     if weights == "imagenet":
         model.load_state_dict(load_imagenet_state(arch))
     elif weights not in ("none", "", None):
@@ -1049,10 +1080,18 @@ def validation_report(y_true, probs, taus):
 
 # ----------------------------------------------------------------- training
 def pick_device(name):
+    check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for, but CUDA is not available here; use --device cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} asked for, but CUDA is not available here; use --device cpu")
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), "
+                            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}; pass one of them (or --device cuda)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps asked for, but Apple's MPS is not available here; use --device cpu")
     return torch.device(name)
 
 
@@ -1364,7 +1403,7 @@ def unwrap(model):
 
 
 def checkpoint_state(model, optimizer, scheduler, cfg, run_id, epoch, step, best, report, carry,
-                     ema=None, use_ema=False, calibration=None):
+                     ema=None, use_ema=False, calibration=None, metrics=None):
     """Everything needed to export (architecture, preprocessing, classes, thresholds) or resume.
     "model" holds the weights to predict with (the EMA's when they scored better); the raw
     training weights are then in "raw_model", and the EMA's own state in "ema"."""
@@ -1382,7 +1421,7 @@ def checkpoint_state(model, optimizer, scheduler, cfg, run_id, epoch, step, best
         "min_one_label": bool(cal.get("min_one", False)), "thresholds": cal, "tta": bool(cfg["tta"]),
         "val_metrics": scalar_metrics(report) if report else {},
         "epoch": epoch, "step": step, "carry": list(carry) if carry else None,
-        "best_score": best, "config": dict(cfg),
+        "best_score": best, "config": dict(cfg), "metrics": [dict(r) for r in metrics or []],
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -1619,19 +1658,17 @@ def make_demo_dataset(root, n_train=1200, n_test=200, seed=0):
     return root
 
 
-def run_demo(cfg):
-    """--demo: build demo-data/ if absent, train with DEMO_OVERRIDES, export and score."""
+def run_demo(cfg, given=()):
+    """--demo: build demo-data/ if absent, train with DEMO_OVERRIDES (options given on the
+    command line win), export and score."""
     t0 = time.time()
     demo_dir = Path(cfg["demo_dir"])
     if not (demo_dir / "labels" / "train").is_dir():
         print(f"demo: generating a synthetic dataset in {demo_dir}/ ...")
         make_demo_dataset(demo_dir)
-    given = {k for k, v in cfg.items() if v != globals()[k.upper()]}
-    for key, value in DEMO_OVERRIDES.items():
-        if key not in given:
-            cfg[key] = value
+    cfg = merge_settings(dict(cfg, demo=True), set(given))
     cfg["data_dir"], cfg["demo"] = str(demo_dir), False
-    result = train(cfg)
+    result = train(cfg, given=set(cfg))
     import MS_COCO_test
     out = Path(cfg["output_dir"]) / result["run_id"] / "predictions.json"
     MS_COCO_test.main(["--ckpt", str(result["best_path"]), "--test-dir", str(demo_dir / "images" / "test-resized"),
@@ -1647,30 +1684,65 @@ def new_run_id():
     return time.strftime("%Y%m%d-%H%M%S")
 
 
-def prepare_run(cfg):
-    """Run id, folders and starting state, fresh or from --resume."""
-    resume = load_checkpoint(cfg["resume"]) if cfg["resume"] else None
-    if resume:
-        # The run's own settings come back; only these may be changed on resume, and only
-        # when given (differ from the defaults), so `--resume X` alone finishes the run as planned.
-        keep = {"epochs", "device", "loader_threads", "compile", "data_on_gpu", "keep_epochs", "data_dir",
-                "cache_dir", "cache"}
-        defaults = default_config()
-        given = {k: cfg[k] for k in keep if cfg[k] != defaults[k]}
-        given["resume"] = cfg["resume"]
-        cfg.update(resume["config"])
-        cfg.update(given)
-        run_id = resume["run_id"]
-        for stale in (Path(cfg["checkpoint_dir"]) / run_id).glob(".*.tmp"):   # left by a killed save
-            stale.unlink(missing_ok=True)
-    else:
-        run_id = cfg["run_id"] or new_run_id()
-    dirs = {name: Path(cfg[f"{name}_dir"]) / run_id for name in ("checkpoint", "output", "runs")}
-    if not resume and any((d / "metrics.csv").exists() or (d / "last.pth").exists() for d in dirs.values()):
+CLAIM_FILE = ".run-claim"        # O_EXCL-created in checkpoints/<run_id>/ by the launch that owns the run
+
+
+def run_dirs(cfg, run_id):
+    return {name: Path(cfg[f"{name}_dir"]) / run_id for name in ("checkpoint", "output", "runs")}
+
+
+def check_new_run(dirs, run_id):
+    """A fresh run may not reuse the folders of another (finished, running or stopped) one."""
+    if any((d / "metrics.csv").exists() or (d / "last.pth").exists() for d in dirs.values()):
         raise UserError(f"run {run_id} already exists: resume it with --resume "
                         f"{dirs['checkpoint'] / 'last.pth'} or pick another --run-id")
-    cfg["run_id"] = run_id          # folders are created by their first write, once the data is known good
-    return run_id, dirs, resume
+    if (dirs["checkpoint"] / CLAIM_FILE).exists():
+        raise UserError(f"run {run_id} is taken by another launch, still running or killed before its first "
+                        f"epoch ended: pick another --run-id (or, if none is running, delete {dirs['checkpoint']})")
+
+
+def claim_run(dirs, run_id):
+    """Make the run folders and take the run with an O_EXCL file (atomic on every OS, Windows
+    included): of two launches with one --run-id, the second is refused. Writability of every
+    folder is checked here, before any training."""
+    ensure_writable(dirs["checkpoint"], "--checkpoint-dir")
+    try:
+        fd = os.open(dirs["checkpoint"] / CLAIM_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        raise UserError(f"run {run_id} was just taken by another launch: pick another --run-id") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(f"pid {os.getpid()} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    try:
+        ensure_writable(dirs["output"], "--output-dir")
+        ensure_writable(dirs["runs"], "--runs-dir")
+    except UserError:
+        (dirs["checkpoint"] / CLAIM_FILE).unlink(missing_ok=True)
+        try:
+            dirs["checkpoint"].rmdir()          # only when empty: it was made for this claim
+        except OSError:
+            pass
+        raise
+
+
+def ensure_writable(folder, option):
+    """Create folder and prove it writable with a probe file, or UserError naming the option."""
+    folder = Path(folder)
+    probe = folder / f".write-probe-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write in {folder} ({exc.strerror or exc}): pass a writable {option}") from None
+
+
+def release_new_run(dirs, created):
+    """A fresh run stopped before anything resumable existed: remove what it wrote, so the same
+    command starts it again."""
+    import shutil
+    for d in dirs.values():
+        if d in created:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def save_split(path, data, train_idx, val_idx, cfg):
@@ -1701,15 +1773,13 @@ def place_images(images, device, cfg, log):
     return images
 
 
-def apply_recipe(cfg):
-    """--recipe: its options for every key not given (still at the constant's default)."""
-    if cfg["recipe"] not in RECIPES:
-        raise UserError(f"unknown --recipe {cfg['recipe']!r}: {', '.join(RECIPES)}")
+def given_keys(cfg, given=None):
+    """The keys set explicitly. From the command line this is known exactly; a config dict
+    passed to train() in Python counts the keys that differ from the constants as given."""
+    if given is not None:
+        return set(given)
     defaults = default_config()
-    for key, value in RECIPES[cfg["recipe"]].items():
-        if cfg[key] == defaults[key]:
-            cfg[key] = value
-    return cfg
+    return {k for k in cfg if k in defaults and cfg[k] != defaults[k]}
 
 
 def evaluate_both(net, ema, images, labels, val_idx, device, cfg, taus):
@@ -1730,15 +1800,27 @@ def describe_calibration(cal):
             f"held-out validation F1 over {cal['folds']} folds: {held}")
 
 
-def train(cfg, log=print):
-    """The whole training run; returns a summary dict (run_id, best score, paths)."""
-    apply_recipe(cfg)
-    run_id, dirs, resume = prepare_run(cfg)
+def train(cfg, log=print, given=None):
+    """The whole training run; returns a summary dict (run_id, best score, paths). cfg is
+    updated in place with the resolved settings; given names the options set explicitly."""
+    resume = load_checkpoint(cfg["resume"]) if cfg["resume"] else None
+    cfg.update(merge_settings(cfg, given_keys(cfg, given), resume["config"] if resume else None, log))
+    run_id = resume["run_id"] if resume else (cfg["run_id"] or new_run_id())
+    cfg["run_id"] = run_id
+    dirs = run_dirs(cfg, run_id)
     device = pick_device(cfg["device"])
+    if resume:
+        check_resume(resume, cfg, dirs)
+    else:
+        check_new_run(dirs, run_id)
     torch.manual_seed(cfg["seed"])
+    model = build_model(cfg["arch"], "none" if resume else cfg["weights"], NUM_CLASSES, cfg["dropout"], cfg["freeze"])
     data = load_train_set(cfg, log)
     split_path = dirs["output"] / "split.json"
-    if resume and split_path.is_file():
+    if resume:
+        if not split_path.is_file():
+            raise UserError(f"{split_path} is missing: without its split a resumed run would validate on "
+                            f"images it trained on; start a new run instead")
         train_idx, val_idx = load_split(split_path, data)
     else:
         usable = usable_rows(data)
@@ -1746,14 +1828,58 @@ def train(cfg, log=print):
     if len(val_idx) == 0 or len(train_idx) == 0:
         raise UserError(f"{len(data.stems)} images are too few for a train/validation split; add images "
                         f"or raise --val-fraction")
-    if not (resume and split_path.is_file()):
-        save_split(split_path, data, train_idx, val_idx, cfg)
-    atomic_write_text(dirs["output"] / "config.json", json.dumps(cfg, indent=2))
+    created = {d for d in dirs.values() if not d.exists()}
+    if resume:
+        for name, d in dirs.items():
+            ensure_writable(d, f"--{name}-dir")
+        for stale in dirs["checkpoint"].glob(".*.tmp"):        # left by a killed save
+            stale.unlink(missing_ok=True)
+    else:
+        claim_run(dirs, run_id)
+    last_path = dirs["checkpoint"] / "last.pth"
+    try:
+        if not resume:
+            save_split(split_path, data, train_idx, val_idx, cfg)
+        atomic_write_text(dirs["output"] / "config.json", json.dumps(cfg, indent=2))
+        return fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume)
+    except (Exception, KeyboardInterrupt) as exc:
+        if resume or last_path.is_file():
+            if isinstance(exc, KeyboardInterrupt):
+                log(f"interrupted: {last_path} keeps the last completed epoch; resume with:\n"
+                    f"  python MS_COCO.py --resume {last_path}")
+                raise SystemExit(130) from None
+            raise
+        release_new_run(dirs, created)
+        log(f"run {run_id} removed: it stopped before its first checkpoint, so nothing could be resumed; "
+            f"the same command starts it again")
+        if isinstance(exc, KeyboardInterrupt):
+            raise SystemExit(130) from None
+        raise
+
+
+def check_resume(resume, cfg, dirs):
+    done = resume["epoch"] if not resume["step"] else resume["epoch"] - 1
+    if done >= cfg["epochs"]:
+        raise UserError(f"run {resume['run_id']} has already trained {done} of its {cfg['epochs']} epochs: "
+                        f"pass --epochs N with N > {done} to train further")
+
+
+def rebase_schedule(optimizer, scheduler, cfg, step, steps_per_epoch):
+    """Put the learning rate where a run with these settings would be at this step: a resume
+    may change --lr or --batch-size (and so the steps per epoch)."""
+    scheduler.base_lrs = [cfg["lr"] * g.get("lr_scale", 1.0) for g in optimizer.param_groups]
+    scheduler.last_epoch = step
+    for g, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        g["initial_lr"] = base
+        g["lr"] = base * lr_factor(cfg, step, steps_per_epoch)
+
+
+def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume):
+    """The epochs of a run whose folders are claimed: train, validate, save, log."""
+    run_id = cfg["run_id"]
     log(f"run {run_id}: {len(train_idx)} train / {len(val_idx)} val images, {cfg['arch']} "
         f"({cfg['weights']}) at {cfg['image_size']}px on {device}, batch {cfg['batch_size']}, {cfg['epochs']} epochs"
         + (f", recipe {cfg['recipe']}" if cfg["recipe"] != "default" else ""))
-
-    model = build_model(cfg["arch"], "none" if resume else cfg["weights"], NUM_CLASSES, cfg["dropout"], cfg["freeze"])
     if resume:
         model.load_state_dict(resume.get("raw_model") or resume["model"])
     model.to(device)
@@ -1767,6 +1893,8 @@ def train(cfg, log=print):
     criterion = build_criterion(cfg, train_labels)
     ema = build_ema(model, cfg)
     start_epoch, start_step, carry, best = 1, 0, None, -1.0
+    metrics_path = dirs["output"] / "metrics.csv"
+    rows = read_metrics_csv(metrics_path)
     if resume:
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
@@ -1776,12 +1904,18 @@ def train(cfg, log=print):
         best = resume["best_score"]
         if (dirs["checkpoint"] / "best_model.pth").is_file():   # a kill between the two saves
             best = max(best, load_checkpoint(dirs["checkpoint"] / "best_model.pth")["best_score"])
+        start_epoch = resume["epoch"] + 1
         if resume["step"]:
-            start_epoch, start_step, carry = resume["epoch"], resume["step"], tuple(resume["carry"])
-        else:
-            start_epoch = resume["epoch"] + 1
+            start_epoch = resume["epoch"]
+            if cfg["batch_size"] == resume["config"]["batch_size"]:
+                start_step, carry = resume["step"], tuple(resume["carry"])
+            else:
+                log(f"--batch-size changed: epoch {start_epoch} restarts from its first step")
+        rebase_schedule(optimizer, scheduler, cfg, (start_epoch - 1) * steps_per_epoch + start_step, steps_per_epoch)
+        rows = resume.get("metrics") or rows          # the checkpoint's rows match its epoch exactly
         log(f"resuming run {run_id} at epoch {start_epoch}" + (f", step {start_step}" if start_step else "")
             + f" (best F1 so far {best:.4f})")
+    rows = [r for r in rows if r["epoch"] < start_epoch]
     net = torch.compile(model) if cfg["compile"] and device.type == "cuda" else model
 
     images, labels = place_images(data.images, device, cfg, log), data.labels
@@ -1790,8 +1924,6 @@ def train(cfg, log=print):
     val_y = data.labels[val_idx]
     taus = threshold_grid(cfg["threshold_min"], cfg["threshold_max"], cfg["threshold_step"])
 
-    metrics_path = dirs["output"] / "metrics.csv"
-    rows = [r for r in read_metrics_csv(metrics_path) if r["epoch"] < start_epoch]
     writer = make_writer(dirs["runs"], purge_step=start_epoch if resume else None)
     stop = StopFlag().install()
     best_path = dirs["checkpoint"] / "best_model.pth"
@@ -1800,7 +1932,7 @@ def train(cfg, log=print):
 
     def save_interrupted(step, carry_now):
         save_checkpoint(last_path, checkpoint_state(model, optimizer, scheduler, cfg, run_id, epoch, step,
-                                                    best, None, carry_now, ema))
+                                                    best, None, carry_now, ema, metrics=rows))
 
     try:
         for epoch in range(start_epoch, cfg["epochs"] + 1):
@@ -1815,31 +1947,35 @@ def train(cfg, log=print):
                                                                  cfg, taus)
             except torch.cuda.OutOfMemoryError:
                 raise UserError(f"CUDA ran out of memory at batch size {cfg['batch_size']}: try "
-                                f"--batch-size {max(cfg['batch_size'] // 2, 1)}") from None
+                                f"--batch-size {max(cfg['batch_size'] // 2, 1)}"
+                                + (" or --no-data-on-gpu" if isinstance(images, torch.Tensor) else "")) from None
             row = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "val_loss": val_loss,
                    **scalar_metrics(report), "ema": int(use_ema), "images_per_s": seen / max(seconds, 1e-9),
                    "epoch_s": seconds + time.time() - t_val}
             rows.append(row)
-            write_metrics_csv(metrics_path, rows)
-            log_tensorboard(writer, epoch, row, report)
-            log(epoch_line(epoch, cfg["epochs"], row))
             calibration = None
             if report["best"]["f1"] > best:
                 best = report["best"]["f1"]
                 calibration = calibrate_thresholds(val_y, probs, taus, cfg["thresholds"], seed=cfg["seed"])
-                log("  " + describe_calibration(calibration))
                 state = checkpoint_state(model, optimizer, scheduler, cfg, run_id, epoch, 0, best, report, None,
-                                         ema, use_ema, calibration)
+                                         ema, use_ema, calibration, metrics=rows)
                 save_checkpoint(best_path, state)
                 write_per_class(dirs["output"] / "per_class.csv", report)
                 atomic_write_text(dirs["output"] / "thresholds.json", json.dumps(
                     dict(calibration, epoch=epoch, strength=str(calibration["strength"])), indent=1))
                 best_seen = (epoch, report, probs, calibration)
+            # last.pth first: from here on a stop leaves a run that resumes after this epoch,
+            # and the resume rewrites metrics.csv from the rows the checkpoint carries.
             state = checkpoint_state(model, optimizer, scheduler, cfg, run_id, epoch, 0, best, report, None,
-                                     ema, use_ema, calibration)
-            save_checkpoint(dirs["checkpoint"] / f"epoch_{epoch:03d}.pth", state)
+                                     ema, use_ema, calibration, metrics=rows)
             save_checkpoint(last_path, state)
+            keep_epoch_file(last_path, dirs["checkpoint"] / f"epoch_{epoch:03d}.pth")
             prune_epoch_files(dirs["checkpoint"], cfg["keep_epochs"])
+            write_metrics_csv(metrics_path, rows)
+            log_tensorboard(writer, epoch, row, report)
+            log(epoch_line(epoch, cfg["epochs"], row))
+            if calibration is not None:
+                log("  " + describe_calibration(calibration))
         if best_seen is not None:
             b_epoch, b_report, b_probs, b_cal = best_seen
             log(f"best epoch {b_epoch}: F1 {best:.4f} at tau {b_report['tau']:.2f}\n{class_summary(b_report)}")
@@ -1861,17 +1997,28 @@ def train(cfg, log=print):
             "thresholds": best_state["thresholds"] if best_state else {}}
 
 
-def main(argv=None):
-    cfg = parse_config(argv)
+def keep_epoch_file(last_path, epoch_path):
+    """The epoch's checkpoint as a hard link to last.pth (no second write); a copy where the
+    file system has no links."""
+    import shutil
+    epoch_path.unlink(missing_ok=True)
     try:
+        os.link(last_path, epoch_path)
+    except OSError:
+        shutil.copyfile(last_path, epoch_path)
+
+
+def main(argv=None):
+    try:
+        cfg, given = parse_options(sys.modules[__name__], "Train a multi-label MS-COCO classifier.", argv)
         if cfg["demo"]:
-            run_demo(cfg)
+            run_demo(cfg, given)
         else:
-            train(cfg)
+            train(cfg, given=given)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2)
-    except KeyboardInterrupt:   # before the first step (later ones are caught by StopFlag and saved)
+    except KeyboardInterrupt:   # before the run was claimed (later ones are caught by StopFlag and train)
         print("interrupted before training started: nothing to resume, run the same command again",
               file=sys.stderr)
         raise SystemExit(130)

@@ -11,7 +11,10 @@ The JSON maps every test image's stem to its class ids, ascending: {"00000000013
 """
 
 import json
+import os
 import sys
+import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +29,7 @@ OUT = "predictions.json"                    # output JSON (parent folders are cr
 LABELS = ""                                 # a labels folder (.cls files) to score the predictions against
 PREDICTIONS = ""                            # score this existing JSON against --labels instead of predicting
 BATCH_SIZE = 256                            # images per forward pass
-DEVICE = "auto"                             # auto (cuda when present) | cpu | cuda
+DEVICE = "auto"                             # auto (cuda when present) | cpu | cuda | cuda:N | mps
 LOADER_THREADS = 0                          # decode threads (0 = one per core)
 THRESHOLDS = ""                             # "" = the checkpoint's choice | global | per_class | global+top1 | per_class+top1
 
@@ -59,27 +62,79 @@ def find_test_dir(test_dir):
     raise M.UserError(f"test image folder {test_dir} does not exist: pass --test-dir")
 
 
+def list_test_images(test_dir):
+    """The test images (folders skipped, broken links kept: they get [] with a warning), one per
+    stem: two files with one stem (x.jpg beside x.png) are refused, as both would claim the key "x"."""
+    paths = M.list_images(test_dir)
+    if not paths:
+        raise M.UserError(f"no test images (.jpg) in {test_dir}")
+    twins = sorted(s for s, n in Counter(p.stem for p in paths).items() if n > 1)
+    if twins:
+        names = ", ".join(p.name for p in paths if p.stem == twins[0])
+        raise M.UserError(f"{test_dir} holds {len(twins)} image name(s) twice, e.g. {twins[0]!r} ({names}): "
+                          f"keep one file per image, each name is one key of the predictions")
+    return paths
+
+
+def check_out_path(out):
+    """--out checked before minutes of prediction: not a folder, under folders (or a place where
+    they can be made), writable. The probe creates and removes a real file, as os.access does not
+    see read-only mounts, ACLs or root's exemptions the way a write does."""
+    path = Path(out)
+    if path.is_dir():
+        raise M.UserError(f"--out {out} is a folder: give a file path, e.g. --out {path / 'predictions.json'}")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent          # the folders still to create are made in the first one that exists
+    if not folder.is_dir():
+        raise M.UserError(f"--out {out}: {folder} is a file, not a folder; choose another --out")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)   # O_EXCL
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise M.UserError(f"--out {out}: cannot write in {folder} ({exc.strerror or exc}); "
+                          f"choose a writable --out") from None
+
+
 def predictions_dict(stems, pred):
     """{stem: [class ids ascending]} from a boolean (N, 80) matrix."""
     return {stem: [int(c) for c in np.flatnonzero(row)] for stem, row in zip(stems, pred)}
 
 
-def check_predictions(preds, stems):
-    """The submission's format, checked before writing: one key per test image, ids int 0-79, no duplicates."""
-    if set(preds) != set(stems) or len(preds) != len(stems):
-        missing, extra = set(stems) - set(preds), set(preds) - set(stems)
-        raise M.UserError(f"predictions do not match the test images: {len(missing)} missing, {len(extra)} extra")
+def as_json(value):
+    """A value as it reads in the JSON file (repr for what JSON cannot hold)."""
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def check_predictions(preds, stems, source="predictions", per="test image"):
+    """The submission's format, shared by the export (before writing) and the scoring (before
+    scoring): exactly one key per stem, ids int 0-79 unique and ascending. The error names the
+    first offending key and its value, or a few of the missing and extra keys."""
+    if len(stems) != len(set(stems)):
+        raise M.UserError(f"two {per}s share a name: each name can be only one key of {source}")
+    missing, extra = sorted(set(stems) - set(preds), key=str), sorted(set(preds) - set(stems), key=str)
+    problems = [f"{len(keys)} {what} ({', '.join(map(repr, keys[:3]))}{', ...' if len(keys) > 3 else ''})"
+                for what, keys in (("missing", missing), ("extra", extra)) if keys]
+    if problems:
+        raise M.UserError(f"{source} needs exactly one key per {per}: {', '.join(problems)}")
     for stem, ids in preds.items():
-        if not isinstance(stem, str) or not isinstance(ids, list):
-            raise M.UserError(f"bad entry for {stem!r}: expected a list of class ids")
+        if not isinstance(ids, list):
+            raise M.UserError(f"{source}, key {stem!r}: {as_json(ids)} is not a list of class ids")
         try:
             stem.encode("utf-8")
         except UnicodeEncodeError:
             raise M.UserError(f"test image name {stem!r} is not valid UTF-8: rename the file") from None
-        if any(type(c) is not int or not 0 <= c < M.NUM_CLASSES for c in ids):
-            raise M.UserError(f"bad class id in the predictions of {stem}: {ids}")
+        # type() rather than isinstance: JSON true is a Python bool, which isinstance counts as an int
+        bad = [c for c in ids if type(c) is not int or not 0 <= c < M.NUM_CLASSES]
+        if bad:
+            raise M.UserError(f"{source}, key {stem!r}: class id {as_json(bad[0])} is not an integer "
+                              f"0-{M.NUM_CLASSES - 1}")
         if ids != sorted(set(ids)):
-            raise M.UserError(f"class ids of {stem} are not unique and ascending: {ids}")
+            raise M.UserError(f"{source}, key {stem!r}: class ids {as_json(ids)} are not unique and ascending")
 
 
 def write_predictions(path, preds, stems):
@@ -97,23 +152,19 @@ def read_predictions(path):
     return preds
 
 
-def score_predictions(preds, labels_dir):
-    """The challenge F1 (with P, R, macro and micro F1) of preds against a folder of .cls files."""
+def score_predictions(preds, labels_dir, source="predictions"):
+    """The challenge F1 (with P, R, macro and micro F1) of preds against a folder of .cls files.
+    preds pass the export's own check first, so a malformed id is an error, not a silent 0."""
     label_files = M.list_labels(labels_dir)
     if not label_files:
-        raise M.UserError(f"no .cls label files in {labels_dir}")
+        raise M.UserError(f"no .cls label files in {labels_dir}: pass the labels folder with --labels")
     stems = [p.stem for p in label_files]
+    check_predictions(preds, stems, source, per=f"label file in {labels_dir}")
     y_true = M.read_labels(labels_dir, stems)
     y_pred = np.zeros_like(y_true, dtype=bool)
-    missing = 0
     for i, stem in enumerate(stems):
-        ids = preds.get(stem)
-        if ids is None:
-            missing += 1
-            continue
-        y_pred[i, [c for c in ids if isinstance(c, int) and 0 <= c < M.NUM_CLASSES]] = True
+        y_pred[i, preds[stem]] = True
     scores = M.challenge_scores(y_true, y_pred)
-    scores["missing"] = missing
     scores["images"] = len(stems)
     return scores
 
@@ -121,7 +172,6 @@ def score_predictions(preds, labels_dir):
 def print_scores(scores, labels_dir):
     absent = M.NUM_CLASSES - scores["classes_present"]
     print(f"score against {labels_dir} ({scores['images']} images"
-          + (f", {scores['missing']} without a prediction" if scores["missing"] else "")
           + (f", {absent} classes absent from the labels and left out" if absent else "") + "):")
     print(f"  challenge F1 {scores['f1']:.4f}  P {scores['precision']:.4f}  R {scores['recall']:.4f}  "
           f"macro F1 {scores['macro_f1']:.4f}  micro F1 {scores['micro_f1']:.4f}")
@@ -129,9 +179,7 @@ def print_scores(scores, labels_dir):
 
 def predict_folder(state, test_dir, cfg):
     """Probabilities for every image of test_dir; unreadable images get a row of NaN."""
-    paths = M.list_images(test_dir)
-    if not paths:
-        raise M.UserError(f"no test images (.jpg) in {test_dir}")
+    paths = list_test_images(test_dir)
     device = M.pick_device(cfg["device"])
     model = M.model_from_checkpoint(state).to(device)
     images, bad = M.decode_all(paths, state["image_size"], threads=cfg["loader_threads"], desc="test images")
@@ -144,6 +192,7 @@ def predict_folder(state, test_dir, cfg):
 
 
 def export(cfg):
+    check_out_path(cfg["out"])
     ckpt = Path(cfg["ckpt_path"]) if cfg["ckpt_path"] else newest_checkpoint(cfg["checkpoint_dir"])
     state = choose_thresholds(M.load_checkpoint(ckpt), cfg["thresholds"])
     test_dir = find_test_dir(cfg["test_dir"])
@@ -204,13 +253,17 @@ def main(argv=None):
         else:
             preds = export(cfg)
         if cfg["labels"]:
-            scores = score_predictions(preds, cfg["labels"])
+            scores = score_predictions(preds, cfg["labels"], cfg["predictions"] or cfg["out"])
             print_scores(scores, cfg["labels"])
             return scores
         return preds
     except M.UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2)
+    except KeyboardInterrupt:   # files are written by atomic replace: none is ever left half-written
+        print("interrupted: no file was left half-written; run the same command again",
+              file=sys.stderr)
+        raise SystemExit(130)
 
 
 if __name__ == "__main__":

@@ -251,7 +251,7 @@ def test_non_finite_losses_in_a_real_run_keep_the_last_good_checkpoint(tmp_path,
 
 
 def test_ctrl_c_before_training_exits_130_without_traceback(monkeypatch, capsys):
-    def interrupted(cfg, log=print):
+    def interrupted(cfg, log=print, given=None):
         raise KeyboardInterrupt
     monkeypatch.setattr(M, "train", interrupted)
     with pytest.raises(SystemExit) as exc:

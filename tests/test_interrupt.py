@@ -76,7 +76,7 @@ def check_against_reference(tmp, reference):
     best = M.load_checkpoint(tmp / "checkpoints" / "t" / "best_model.pth")
     assert best["val_metrics"]["f1"] == pytest.approx(max(float(r["f1"]) for r in rows), abs=1e-6)
     assert sorted(p.name for p in (tmp / "checkpoints" / "t").iterdir()) == \
-        ["best_model.pth", f"epoch_{EPOCHS - 1:03d}.pth", f"epoch_{EPOCHS:03d}.pth", "last.pth"]
+        [M.CLAIM_FILE, "best_model.pth", f"epoch_{EPOCHS - 1:03d}.pth", f"epoch_{EPOCHS:03d}.pth", "last.pth"]
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -115,5 +115,5 @@ def test_kill_then_resume(tmp_path, data, reference):
     assert last["step"] == 0 and 1 <= last["epoch"] < EPOCHS    # epoch 1, or 2 if its last.pth was renamed in time
     rc, out = finish(launch(["--resume", str(tmp_path / "checkpoints" / "t" / "last.pth")]))
     assert rc == 0, out
-    assert not list((tmp_path / "checkpoints" / "t").glob(".*"))       # a kill's half-written temp file is gone
+    assert not list((tmp_path / "checkpoints" / "t").glob(".*.tmp"))   # a kill's half-written temp file is gone
     check_against_reference(tmp_path, reference)

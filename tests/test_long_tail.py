@@ -161,12 +161,11 @@ def test_tta_is_the_mean_of_both_views():
 
 # ------------------------------------------------------------------ recipes
 def test_recipe_fills_only_what_was_not_given():
-    cfg = dict(M.default_config(), recipe="strong", loss="focal")
-    M.apply_recipe(cfg)
+    cfg = M.merge_settings(dict(M.default_config(), recipe="strong", loss="focal"), {"recipe", "loss"})
     assert cfg["loss"] == "focal" and cfg["class_balance"] == M.RECIPES["strong"]["class_balance"] == "sampling"
-    assert M.apply_recipe(M.default_config()) == M.default_config()
+    assert M.merge_settings(M.default_config(), set()) == M.default_config()
     with pytest.raises(M.UserError, match="--recipe"):
-        M.apply_recipe(dict(M.default_config(), recipe="magic"))
+        M.merge_settings(dict(M.default_config(), recipe="magic"), {"recipe"})
 
 
 def test_strong_recipe_runs_end_to_end(tmp_path, tiny_source):

@@ -25,7 +25,8 @@ def trained(tmp_path_factory, tiny_source):
 def test_training_writes_every_file(trained):
     tmp, cfg = trained
     ck, out, runs = tmp / "checkpoints" / "t", tmp / "outputs" / "t", tmp / "runs" / "t"
-    assert {p.name for p in ck.iterdir()} == {"best_model.pth", "last.pth", "epoch_001.pth", "epoch_002.pth"}
+    assert {p.name for p in ck.iterdir()} == {"best_model.pth", "last.pth", "epoch_001.pth", "epoch_002.pth",
+                                              M.CLAIM_FILE}
     assert {"metrics.csv", "per_class.csv", "config.json", "split.json", "thresholds.json", "per_class_f1.png",
             "threshold_sweep.png", "pr_rare_classes.png", "val_predictions.png"} <= {p.name for p in out.iterdir()}
     for png in out.glob("*.png"):
@@ -133,10 +134,12 @@ def test_resume_continues_to_the_same_result(tmp_path, tiny_source):
     assert names(tmp_path / "a") == names(tmp_path / "b")
 
 
-def test_resume_alone_keeps_the_runs_own_epochs(tmp_path, tiny_source):
+def test_resume_alone_keeps_the_runs_own_epochs(tmp_path, tiny_source, capsys):
     cfg = tiny_config(tmp_path, tiny_source, epochs=1)
     M.train(cfg, log=lambda *_: None)
-    M.main(["--resume", str(tmp_path / "checkpoints" / "t" / "last.pth")])   # nothing else given
+    with pytest.raises(SystemExit) as exc:                     # nothing else given: the run's own 1 epoch
+        M.main(["--resume", str(tmp_path / "checkpoints" / "t" / "last.pth")])
+    assert exc.value.code == 2 and "already trained 1 of its 1 epochs" in capsys.readouterr().err
     rows = list(csv.DictReader((tmp_path / "outputs" / "t" / "metrics.csv").open()))
     assert [r["epoch"] for r in rows] == ["1"]                 # already finished: nothing more trained
 
