@@ -577,7 +577,8 @@ def build_cache(cache_dir, tag, key, paths, stems, labels, size, threads):
         raise UserError(f"could not write the image cache in {cache_dir} ({exc.strerror or exc}); "
                         f"free some disk, pass --cache-dir elsewhere or --no-cache") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp.exists():
+            tmp.unlink()
     return np.load(npy, mmap_mode="r"), bad
 
 

@@ -60,8 +60,7 @@ BUDGET_KEYS = ("epochs", "lr_step", "image_size", "batch_size")   # options that
 
 
 def parse_args(argv=None):
-    parser = M.build_parser(sys.modules[__name__], "Ablation of MS_COCO.py's training options.")
-    return vars(parser.parse_args(argv))
+    return M.parse_options(sys.modules[__name__], "Ablation of MS_COCO.py's training options.", argv)[0]
 
 
 def run_one(args, variant, seed, out_dir):

@@ -502,8 +502,8 @@ def run(args, log=print):
 
 
 def main(argv=None):
-    parser = MS_COCO.build_parser(sys.modules[__name__], "Benchmark MS_COCO.py's data path and training step.")
-    args = vars(parser.parse_args(argv))
+    args = MS_COCO.parse_options(sys.modules[__name__], "Benchmark MS_COCO.py's data path and training step.",
+                                 argv)[0]
     try:
         result = run(args)
     except MS_COCO.UserError as exc:
