@@ -675,19 +675,20 @@ def augment_batch(x_uint8, generator, crop_scale_min=CROP_SCALE_MIN, hflip=True,
     if crop_scale_min >= 1 and not hflip and not trivial and not cutout:
         return normalize(x_uint8, mean, std)
     x = x_uint8.float().div_(255.0)
+    dev = x.device                  # every random number is drawn here: no host-device copy per step
     if crop_scale_min < 1 or hflip:
-        area = torch.empty(b).uniform_(min(crop_scale_min, 1.0), 1.0, generator=generator)
-        log_ratio = torch.empty(b).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
-        ratio = log_ratio.exp() if crop_scale_min < 1 else torch.ones(b)
+        area = torch.empty(b, device=dev).uniform_(min(crop_scale_min, 1.0), 1.0, generator=generator)
+        log_ratio = torch.empty(b, device=dev).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
+        ratio = log_ratio.exp() if crop_scale_min < 1 else torch.ones(b, device=dev)
         sx = (area * ratio).sqrt().clamp(max=1.0)          # crop width as a fraction of the image
         sy = (area / ratio).sqrt().clamp(max=1.0)
-        tx = (torch.rand(b, generator=generator) * 2 - 1) * (1 - sx)
-        ty = (torch.rand(b, generator=generator) * 2 - 1) * (1 - sy)
-        flip = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0) if hflip else torch.ones(b)
-        theta = torch.zeros(b, 2, 3)
-        theta[:, 0, 0], theta[:, 0, 2] = sx * flip, tx
-        theta[:, 1, 1], theta[:, 1, 2] = sy, ty
-        grid = F.affine_grid(theta.to(x.device), [b, 3, h, w], align_corners=False)
+        tx = (torch.rand(b, generator=generator, device=dev) * 2 - 1) * (1 - sx)
+        ty = (torch.rand(b, generator=generator, device=dev) * 2 - 1) * (1 - sy)
+        flip = (torch.where(torch.rand(b, generator=generator, device=dev) < 0.5, -1.0, 1.0) if hflip
+                else torch.ones(b, device=dev))
+        zero = torch.zeros(b, device=dev)
+        theta = torch.stack([torch.stack([sx * flip, zero, tx], 1), torch.stack([zero, sy, ty], 1)], 1)
+        grid = F.affine_grid(theta, [b, 3, h, w], align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     if trivial:
         x = photometric_ops(x, generator)
@@ -705,9 +706,9 @@ def photometric_ops(x, generator):
     """TrivialAugment-style: each image gets one op drawn uniformly, at a uniform random
     strength. x in [0, 1]; one masked batched op per kind, no per-image Python."""
     b = x.shape[0]
-    op = torch.randint(len(PHOTOMETRIC_OPS), (b,), generator=generator).to(x.device)
-    m = torch.rand(b, generator=generator).to(x.device).view(b, 1, 1, 1)
-    sign = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0).to(x.device).view(b, 1, 1, 1)
+    op = torch.randint(len(PHOTOMETRIC_OPS), (b,), generator=generator, device=x.device)
+    m = torch.rand(b, generator=generator, device=x.device).view(b, 1, 1, 1)
+    sign = torch.where(torch.rand(b, generator=generator, device=x.device) < 0.5, -1.0, 1.0).view(b, 1, 1, 1)
     gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
     factor = 1 + 0.9 * m * sign
     candidates = {
@@ -728,8 +729,8 @@ def photometric_ops(x, generator):
 def erase_squares(x, generator, side):
     """Cutout: a square of side*H, centred anywhere (clipped at the borders), set to grey."""
     b, _, h, w = x.shape
-    cy = (torch.rand(b, generator=generator) * h).to(x.device).view(b, 1, 1)
-    cx = (torch.rand(b, generator=generator) * w).to(x.device).view(b, 1, 1)
+    cy = (torch.rand(b, generator=generator, device=x.device) * h).view(b, 1, 1)
+    cx = (torch.rand(b, generator=generator, device=x.device) * w).view(b, 1, 1)
     half = side * h / 2
     ys = torch.arange(h, device=x.device).view(1, h, 1) + 0.5
     xs = torch.arange(w, device=x.device).view(1, 1, w) + 0.5
@@ -738,26 +739,38 @@ def erase_squares(x, generator, side):
 
 
 class BatchPrefetcher:
-    """Yields (uint8 images, float labels) batches already on the device. A background thread
-    gathers the next batches from the (possibly memory-mapped) cache, pins and copies them
-    without blocking, so host work overlaps with the model's compute."""
+    """Yields (uint8 images, float labels) batches already on the device, in the given order on
+    every path (so a seed gives the same augmentations wherever the data lives). Data on the
+    device: the epoch's indices are copied there once and batches are gathered on the device.
+    Data in host memory: a background thread gathers the next batches from the (possibly
+    memory-mapped) cache into pinned memory and copies them on a side stream, so host work
+    and copies overlap with the model's compute."""
 
     def __init__(self, images, labels, index_batches, device, depth=3):
         self.images, self.labels, self.batches, self.device = images, labels, index_batches, device
+        self.on_device = isinstance(images, torch.Tensor)
+        if self.on_device and index_batches:            # one copy of the epoch's order, not one per step
+            flat = torch.as_tensor(np.concatenate(index_batches), device=images.device)
+            self.batches = list(torch.split(flat, [len(b) for b in index_batches]))
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" and not self.on_device else None
         self.queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._fill, daemon=True)
         self.thread.start()
 
     def _take(self, idx):
-        if isinstance(self.images, torch.Tensor):        # already on the device
-            idx_t = torch.as_tensor(idx, device=self.images.device)
-            return self.images.index_select(0, idx_t), self.labels.index_select(0, idx_t).float()
-        x = torch.from_numpy(np.ascontiguousarray(self.images[np.sort(idx)]))
-        y = torch.from_numpy(self.labels[np.sort(idx)].astype(np.float32))
-        if self.device.type == "cuda":
-            x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
-        return x, y
+        if self.on_device:
+            return self.images.index_select(0, idx), self.labels.index_select(0, idx).float(), None
+        x = torch.from_numpy(np.ascontiguousarray(self.images[idx]))
+        y = torch.from_numpy(np.asarray(self.labels[idx], np.float32))
+        if self.stream is None:
+            return x, y, None
+        with torch.cuda.stream(self.stream):
+            x = x.pin_memory().to(self.device, non_blocking=True)
+            y = y.pin_memory().to(self.device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return x, y, done
 
     def _fill(self):
         try:
@@ -776,7 +789,12 @@ class BatchPrefetcher:
                 return
             if isinstance(item, BaseException):
                 raise item
-            yield item
+            x, y, done = item
+            if done is not None:                        # the compute stream waits for the side copy
+                torch.cuda.current_stream(self.device).wait_event(done)
+                x.record_stream(torch.cuda.current_stream(self.device))
+                y.record_stream(torch.cuda.current_stream(self.device))
+            yield x, y
 
     def close(self):
         self.stop.set()
@@ -1329,15 +1347,17 @@ def param_groups(cfg, model):
 
 
 def build_optimizer(cfg, model):
+    """Fused optimizers: one kernel per step, and they take the gradient scaler's found_inf on
+    the device, so a skipped step costs no host read (torch.optim docs, "fused")."""
     params = param_groups(cfg, model)
     name = cfg["optimizer"]
     if name == "adam":
-        return torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        return torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=True)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=True)
     if name == "sgd":
         return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"],
-                               weight_decay=cfg["weight_decay"], nesterov=True)
+                               weight_decay=cfg["weight_decay"], nesterov=True, fused=True)
     raise UserError(f"unknown --optimizer {name!r}: adam, adamw or sgd")
 
 
@@ -1421,18 +1441,43 @@ def repeat_factors(train_labels, threshold):
     return np.where(y, per_class[None, :], 1.0).max(1)
 
 
-def build_ema(model, cfg):
-    """An exponential moving average of the weights (and BN buffers), with the usual warm-up
-    of the decay, min(decay, (1 + n) / (10 + n)), so short runs average sensibly."""
-    if not cfg["ema_decay"]:
-        return None
-    from torch.optim.swa_utils import AveragedModel
-    decay = cfg["ema_decay"]
+class EMA:
+    """An exponential moving average of the weights and BatchNorm buffers, updated with one
+    torch._foreach_lerp_ on the model's device: no host read per step. The decay warms up as
+    min(decay, (1 + n) / (10 + n)) with n counted in Python, so short runs average sensibly."""
 
-    def avg(ema_p, p, n):
-        d = min(decay, (1 + float(n)) / (10 + float(n)))
-        return ema_p * d + p * (1 - d)
-    return AveragedModel(unwrap(model), avg_fn=avg, use_buffers=True)
+    def __init__(self, model, decay):
+        import copy
+        self.module = copy.deepcopy(unwrap(model)).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.decay, self.n = decay, 0
+
+    def _pairs(self, model):
+        mine, theirs = self.module.state_dict(), unwrap(model).state_dict()
+        floats = [k for k, v in mine.items() if v.is_floating_point()]
+        return floats, [mine[k] for k in floats], [theirs[k].detach() for k in floats], mine, theirs
+
+    @torch.no_grad()
+    def update_parameters(self, model):
+        d = min(self.decay, (1 + self.n) / (10 + self.n))
+        floats, ema_t, model_t, mine, theirs = self._pairs(model)
+        torch._foreach_lerp_(ema_t, model_t, 1 - d)
+        for k, v in mine.items():                       # integer buffers (BatchNorm's batch count)
+            if not v.is_floating_point():
+                v.copy_(theirs[k])
+        self.n += 1
+
+    def state_dict(self):
+        return {"module": self.module.state_dict(), "n": self.n}
+
+    def load_state_dict(self, state):
+        self.module.load_state_dict(state["module"])
+        self.n = int(state["n"])
+
+
+def build_ema(model, cfg):
+    return EMA(model, cfg["ema_decay"]) if cfg["ema_decay"] else None
 
 
 def step_seed(seed, epoch, step):
@@ -1440,7 +1485,7 @@ def step_seed(seed, epoch, step):
     return (seed * 1_000_003 + epoch * 10_007 + step) % (2 ** 63)
 
 
-def epoch_batches(rows, batch_size, seed, epoch, repeat=None):
+def epoch_batches(rows, batch_size, seed, epoch, repeat=None, drop_last=False):
     """The epoch's batches as row indices into the image array, in a seeded order; with
     repeat factors (one per row), each row appears floor(r) or ceil(r) times."""
     g = torch.Generator().manual_seed(step_seed(seed, epoch, 0) ^ 0x5EED)
@@ -1450,13 +1495,15 @@ def epoch_batches(rows, batch_size, seed, epoch, repeat=None):
         rows = np.repeat(rows, (np.floor(repeat) + extra).astype(int))
     order = rows[torch.randperm(len(rows), generator=g).numpy()]
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if drop_last and len(batches) > 1 and len(batches[-1]) < batch_size:   # torch.compile: one shape only
+        batches.pop()
     if len(batches) > 1 and len(batches[-1]) == 1:            # BatchNorm cannot train on one image
         batches[-2:] = [np.concatenate(batches[-2:])]
     return batches
 
 
 def autocast(device, enabled):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+    return torch.autocast(device.type, dtype=amp_dtype(device), enabled=enabled and device.type == "cuda")
 
 
 class StopRequested(Exception):
@@ -1487,29 +1534,54 @@ class StopFlag:
             signal.signal(s, h)
 
 
+CHECK_EVERY = 50      # steps between the host's reads of the loss (progress bar, non-finite check)
+
+
 def train_one_epoch(model, optimizer, images, labels, rows, device, cfg, epoch, start_step=0, carry=None,
                     stop=None, on_stop=None, scheduler=None, criterion=None, ema=None, repeat=None,
-                    head_only=False, features=None):
+                    head_only=False, features=None, scaler=None):
     """One pass over the training rows of images/labels. Returns (mean loss, images seen,
     seconds). carry holds (loss sum, images, bad steps) of steps done before an interruption;
     the scheduler and the EMA are stepped after every batch. head_only keeps the backbone in
     eval mode; with features (the frozen backbone's outputs, one row per image) only the head
-    runs, on them: the same updates as through the whole network without augmentation."""
+    runs, on them: the same updates as through the whole network without augmentation.
+
+    The host never waits for the device inside a step: augmentation draws its numbers on the
+    device, losses are summed there, and a non-finite loss is caught by the gradient scaler
+    (which skips that update on the device, like a fused optimizer's found_inf); the host reads
+    the sums every CHECK_EVERY steps and at the end, and stops after MAX_BAD_STEPS in a row."""
     set_train_mode(unwrap(model), head_only or features is not None)
     forward = head_module(unwrap(model)) if features is not None else model
     if features is not None:
         images, labels = features, torch.as_tensor(np.asarray(labels), device=features.device)
     criterion = (criterion or nn.BCEWithLogitsLoss()).to(device)
-    batches = epoch_batches(rows, cfg["batch_size"], cfg["seed"], epoch, repeat)
-    loss_sum, seen, bad_steps = carry or (0.0, 0, 0)
+    scaler = scaler or make_scaler(device, cfg)
+    batches = epoch_batches(rows, cfg["batch_size"], cfg["seed"], epoch, repeat, drop_last=cfg["compile"])
+    loss_sum, seen, bad_run = (torch.tensor(float(v), device=device) for v in (carry or (0.0, 0, 0)))
+    flags, last_read, bad_steps = [], start_step, int(bad_run)
     t0 = time.time()
     prefetch = BatchPrefetcher(images, labels, batches[start_step:], device)
     bar = tqdm(total=len(batches), initial=start_step, desc=f"epoch {epoch}", unit="batch", disable=None, leave=False)
+
+    def read_back(step):
+        """The one host read every CHECK_EVERY steps: warnings for skipped steps, the stop rule."""
+        nonlocal flags, last_read, bad_steps
+        if flags:
+            for k, bad in enumerate(torch.stack(flags).tolist(), last_read):
+                bad_steps = bad_steps + 1 if bad else 0
+                if bad:
+                    print(f"warning: non-finite loss at epoch {epoch} step {k}: step skipped "
+                          f"({bad_steps} in a row)", file=sys.stderr)
+                if bad_steps >= cfg["max_bad_steps"]:
+                    raise UserError(f"{bad_steps} non-finite losses in a row: stopping. The last good "
+                                    f"checkpoint is kept; try a lower --lr or --no-amp.")
+        flags, last_read = [], step + 1
+
     try:
         for step, (x8, y) in enumerate(prefetch, start_step):
             torch.manual_seed(step_seed(cfg["seed"], epoch, step))
-            g = torch.Generator().manual_seed(step_seed(cfg["seed"], epoch, step) + 1)
             if features is None:
+                g = torch.Generator(device=x8.device).manual_seed(step_seed(cfg["seed"], epoch, step) + 1)
                 x = augment_batch(x8, g, cfg["crop_scale_min"], cfg["hflip"], cfg["trivial_augment"], cfg["cutout"],
                                   *normalisation(cfg["arch"]))
                 if device.type == "cuda" and cfg["channels_last"]:
@@ -1518,33 +1590,51 @@ def train_one_epoch(model, optimizer, images, labels, rows, device, cfg, epoch, 
                 x = x8
             with autocast(device, cfg["amp"]):
                 loss = criterion(forward(x).float(), y)
-            if not torch.isfinite(loss):
-                bad_steps += 1
-                print(f"warning: non-finite loss at epoch {epoch} step {step}: step skipped "
-                      f"({bad_steps} in a row)", file=sys.stderr)
-                optimizer.zero_grad(set_to_none=True)
-                if bad_steps >= cfg["max_bad_steps"]:
-                    raise UserError(f"{bad_steps} non-finite losses in a row: stopping. The last good "
-                                    f"checkpoint is kept; try a lower --lr or --no-amp.")
-            else:
-                bad_steps = 0
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if ema is not None:
-                    ema.update_parameters(unwrap(model))
-                loss_sum += float(loss.detach()) * len(y)
-                seen += len(y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)              # skipped on the device when a gradient is not finite
+            scaler.update()
+            finite = torch.isfinite(loss.detach())
+            flags.append(~finite)
+            loss_sum += torch.where(finite, loss.detach(), 0.0) * len(y)
+            seen += finite * len(y)
+            if ema is not None:
+                ema.update_parameters(model)
             if scheduler is not None:
                 scheduler.step()
+            if step == start_step and cfg["compile"] and device.type == "cuda":
+                torch.cuda.synchronize()        # compile warm-up stays out of the images/s
+                t0 = time.time()
+            if (step + 1) % CHECK_EVERY == 0:
+                read_back(step)
+                bar.set_postfix(loss=f"{float(loss_sum) / max(float(seen), 1):.4f}", refresh=False)
             bar.update(1)
             if stop is not None and stop.signum is not None:
-                on_stop(step + 1, (loss_sum, seen, bad_steps))
+                read_back(step)
+                on_stop(step + 1, (float(loss_sum), int(seen), bad_steps))
                 raise StopRequested
+        read_back(len(batches))
     finally:
         prefetch.close()
         bar.close()
-    return loss_sum / max(seen, 1), seen, time.time() - t0
+    return float(loss_sum) / max(float(seen), 1), int(seen), time.time() - t0
+
+
+def amp_dtype(device):
+    """bf16 where the card computes it natively (Ampere and newer), else fp16 with loss scaling."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.float16
+    return torch.bfloat16
+
+
+def make_scaler(device, cfg):
+    """A gradient scaler on every path: with fp16 it scales the loss; otherwise its scale stays
+    1 and it only checks the gradients on the device, so a non-finite step is skipped without a
+    host read (fused optimizers take its found_inf directly)."""
+    fp16 = device.type == "cuda" and cfg["amp"] and amp_dtype(device) == torch.float16
+    if fp16:
+        return torch.amp.GradScaler(device.type)
+    return torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2 ** 30, backoff_factor=1 - 1e-6)
 
 
 @torch.no_grad()
@@ -1636,8 +1726,18 @@ def evaluate(model, images, labels, rows, device, cfg, features=None):
             idx = torch.as_tensor(np.asarray(rows), device=features.device)
             probs = torch.sigmoid(head(features.index_select(0, idx)).float()).cpu().numpy()
     else:
-        probs = predict(model, images, device, 2 * cfg["batch_size"], cfg["amp"], cfg["channels_last"], mean, std,
-                        rows=rows, desc="validate", tta=cfg["tta"])
+        batch = 2 * cfg["batch_size"]
+        while True:         # out of memory at validation: retry smaller rather than lose the epoch
+            try:
+                probs = predict(model, images, device, batch, cfg["amp"], cfg["channels_last"], mean, std,
+                                rows=rows, desc="validate", tta=cfg["tta"])
+                break
+            except torch.cuda.OutOfMemoryError:
+                if batch == 1:
+                    raise
+                batch //= 2
+                torch.cuda.empty_cache()
+                print(f"warning: out of memory while validating: retrying at batch {batch}", file=sys.stderr)
     p = torch.from_numpy(probs).double().clamp(1e-7, 1 - 1e-7)
     y = torch.as_tensor(np.asarray(labels)[rows], dtype=torch.float64)
     loss = float(F.binary_cross_entropy(p, y)) if len(y) else float("nan")
@@ -1712,29 +1812,41 @@ def unwrap(model):
 
 
 def checkpoint_state(model, optimizer, scheduler, cfg, run_id, epoch, step, best, report, carry,
-                     ema=None, use_ema=False, calibration=None, metrics=None):
-    """Everything needed to export (architecture, preprocessing, classes, thresholds) or resume.
-    "model" holds the weights to predict with (the EMA's when they scored better); the raw
-    training weights are then in "raw_model", and the EMA's own state in "ema"."""
+                     ema=None, use_ema=False, calibration=None, metrics=None, scaler=None, training=True):
+    """Everything needed to export (architecture, preprocessing, classes, thresholds) and, with
+    training, to resume (optimizer, scheduler, EMA, raw weights, RNG, metrics rows). "model"
+    holds the weights to predict with (the EMA's when they scored better); the raw training
+    weights are then in "raw_model". best_model.pth is written without training state: the
+    export needs none, and it is a third of the size."""
     weights = lambda m: {k: v.detach().cpu() for k, v in unwrap(m).state_dict().items()}
-    cal = calibration or {}
-    return {
+    cal = calibration or provisional_calibration(report["tau"] if report else 0.5)
+    state = {
         "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
         "run_id": run_id, "arch": cfg["arch"], "num_classes": NUM_CLASSES,
         "class_names": list(CLASS_NAMES), "image_size": cfg["image_size"],
         "mean": list(normalisation(cfg["arch"])[0]), "std": list(normalisation(cfg["arch"])[1]),
-        "model": weights(ema.module if use_ema else model),
-        "raw_model": weights(model) if use_ema else None,
-        "ema": ema.state_dict() if ema is not None else None, "weights_source": "ema" if use_ema else "raw",
-        "threshold": cal.get("threshold", report["tau"] if report else 0.5),
-        "min_one_label": bool(cal.get("min_one", False)), "thresholds": cal, "tta": bool(cfg["tta"]),
+        "model": weights(ema.module if use_ema else model), "weights_source": "ema" if use_ema else "raw",
+        "threshold": cal["threshold"], "min_one_label": bool(cal["min_one"]), "thresholds": cal,
+        "tta": bool(cfg["tta"]), "amp": bool(cfg["amp"]),
         "val_metrics": scalar_metrics(report) if report else {},
-        "epoch": epoch, "step": step, "carry": list(carry) if carry else None,
-        "best_score": best, "config": dict(cfg), "metrics": [dict(r) for r in metrics or []],
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "torch_rng": torch.get_rng_state(),
+        "epoch": epoch, "step": step, "best_score": best, "config": dict(cfg),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+    if training:
+        state.update({
+            "raw_model": weights(model) if use_ema else None, "ema": ema.state_dict() if ema is not None else None,
+            "carry": list(carry) if carry else None, "metrics": [dict(r) for r in metrics or []],
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None, "torch_rng": torch.get_rng_state(),
+        })
+    return state
+
+
+def provisional_calibration(tau):
+    """Thresholds of a best epoch before the end-of-run calibration: the swept global tau*."""
+    tau = float(tau)
+    return {"chosen": "global", "threshold": tau, "min_one": False, "global_tau": tau,
+            "per_class": [tau] * NUM_CLASSES, "strength": "inf", "heldout_f1": {}, "provisional": True}
 
 
 def prune_epoch_files(ckpt_dir, keep):
@@ -2070,16 +2182,43 @@ def load_split(path, data):
     return np.array([pos[s] for s in split["train"]], int), np.array([pos[s] for s in split["val"]], int)
 
 
-def place_images(images, device, cfg, log):
-    """The uint8 training images on the GPU when they fit with room to spare (no host
-    traffic at all during training), else left in (pinned) host memory / the memory map."""
+def place_images(images, device, cfg, log, training_bytes=0):
+    """The uint8 training images on the GPU when they fit beside what training itself needs
+    (training_bytes, measured by training_memory) with 10% to spare: no host traffic at all
+    during training. Otherwise they stay in host memory / the memory map, with a notice."""
     if device.type != "cuda" or not cfg["data_on_gpu"]:
         return images
+    torch.cuda.empty_cache()                 # mem_get_info counts PyTorch's own cached blocks as used
     free, _ = torch.cuda.mem_get_info(device)
-    if images.nbytes < 0.5 * free:
-        log(f"data: {images.nbytes / 2**30:.1f} GiB of uint8 images kept on the GPU")
-        return torch.from_numpy(np.ascontiguousarray(images)).to(device)
-    return images
+    if images.nbytes + training_bytes > 0.9 * free:
+        log(f"data: {images.nbytes / 2**30:.1f} GiB of images and ~{training_bytes / 2**30:.1f} GiB for training "
+            f"do not fit in {free / 2**30:.1f} GiB free on the GPU: images stay in host memory")
+        return images
+    out = torch.empty(images.shape, dtype=torch.uint8, device=device)
+    for lo in range(0, len(images), 4096):   # in chunks: no second full copy in host RAM
+        out[lo:lo + 4096].copy_(torch.from_numpy(np.array(images[lo:lo + 4096])))
+    log(f"data: {images.nbytes / 2**30:.1f} GiB of uint8 images kept on the GPU")
+    return out
+
+
+def training_memory(model, optimizer, criterion, device, cfg):
+    """Peak GPU memory of one training step at this batch size (on zeros; BatchNorm statistics
+    and gradients restored), plus the optimizer's state still to come (2 tensors per weight for
+    Adam): what the images must leave free."""
+    if device.type != "cuda" or not cfg["data_on_gpu"]:
+        return 0
+    saved = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(("weight", "bias"))}
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)           # the model itself: already out of "free"
+    x = torch.zeros(cfg["batch_size"], 3, cfg["image_size"], cfg["image_size"], device=device)
+    with autocast(device, cfg["amp"]):
+        loss = criterion(model(x).float(), torch.zeros(len(x), NUM_CLASSES, device=device))
+    loss.backward()
+    peak = torch.cuda.max_memory_allocated(device) - base
+    model.zero_grad(set_to_none=True)
+    model.load_state_dict(saved, strict=False)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return int(1.2 * peak + (3 if cfg["ema_decay"] else 2) * weights)
 
 
 def given_keys(cfg, given=None):
@@ -2105,7 +2244,7 @@ def evaluate_both(net, ema, images, labels, val_idx, device, cfg, taus, features
 
 def describe_calibration(cal):
     held = ", ".join(f"{k} {v:.4f}" for k, v in cal["heldout_f1"].items())
-    return (f"thresholds: {cal['chosen']} (global tau {cal['global_tau']:.2f}, shrink strength {cal['strength']:g}); "
+    return (f"thresholds: {cal['chosen']} (global tau {cal['global_tau']:.2f}, shrink strength {float(cal['strength']):g}); "
             f"held-out validation F1 over {cal['folds']} folds: {held}")
 
 
@@ -2113,6 +2252,9 @@ def train(cfg, log=print, given=None):
     """The whole training run; returns a summary dict (run_id, best score, paths). cfg is
     updated in place with the resolved settings; given names the options set explicitly."""
     resume = load_checkpoint(cfg["resume"]) if cfg["resume"] else None
+    if resume and "optimizer" not in resume:
+        raise UserError(f"{cfg['resume']} holds the weights to export, not the training state: resume from "
+                        f"last.pth (or an epoch_NNN.pth) in the same folder")
     cfg.update(merge_settings(cfg, given_keys(cfg, given), resume["config"] if resume else None, log))
     run_id = resume["run_id"] if resume else (cfg["run_id"] or new_run_id())
     cfg["run_id"] = run_id
@@ -2185,11 +2327,14 @@ def rebase_schedule(optimizer, scheduler, cfg, step, steps_per_epoch):
 
 
 def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume):
-    """The epochs of a run whose folders are claimed: train, validate, save, log."""
+    """The epochs of a run whose folders are claimed: train, validate, save, log; the
+    thresholds are calibrated once, at the end, on the best epoch's validation scores."""
     run_id = cfg["run_id"]
     log(f"run {run_id}: {len(train_idx)} train / {len(val_idx)} val images, {cfg['arch']} "
         f"({cfg['weights']}) at {cfg['image_size']}px on {device}, batch {cfg['batch_size']}, {cfg['epochs']} epochs"
         + (f", recipe {cfg['recipe']}" if cfg["recipe"] != "default" else ""))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True       # fixed input shapes: let cuDNN pick its fastest kernels
     if resume:
         model.load_state_dict(resume.get("raw_model") or resume["model"])
     model.to(device)
@@ -2202,58 +2347,40 @@ def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume):
     steps_per_epoch = math.ceil(len(train_idx) * (repeat.mean() if repeat is not None else 1) / cfg["batch_size"])
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
-    criterion = build_criterion(cfg, train_labels)
+    criterion = build_criterion(cfg, train_labels).to(device)
     ema = build_ema(model, cfg)
-    start_epoch, start_step, carry, best = 1, 0, None, -1.0
+    scaler = make_scaler(device, cfg)
     metrics_path = dirs["output"] / "metrics.csv"
-    rows = read_metrics_csv(metrics_path)
+    best_path, last_path = dirs["checkpoint"] / "best_model.pth", dirs["checkpoint"] / "last.pth"
+    start_epoch, start_step, carry, best, rows = 1, 0, None, -1.0, []
     if resume:
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        if ema is not None and resume.get("ema"):
-            ema.load_state_dict(resume["ema"])
-        torch.set_rng_state(resume["torch_rng"])
-        best = resume["best_score"]
-        if (dirs["checkpoint"] / "best_model.pth").is_file():   # a kill between the two saves
-            best = max(best, load_checkpoint(dirs["checkpoint"] / "best_model.pth")["best_score"])
-        start_epoch = resume["epoch"] + 1
-        if resume["step"]:
-            start_epoch = resume["epoch"]
-            if cfg["batch_size"] == resume["config"]["batch_size"]:
-                start_step, carry = resume["step"], tuple(resume["carry"])
-            else:
-                log(f"--batch-size changed: epoch {start_epoch} restarts from its first step")
-        rebase_schedule(optimizer, scheduler, cfg, (start_epoch - 1) * steps_per_epoch + start_step, steps_per_epoch)
-        rows = resume.get("metrics") or rows          # the checkpoint's rows match its epoch exactly
-        log(f"resuming run {run_id} at epoch {start_epoch}" + (f", step {start_step}" if start_step else "")
-            + f" (best F1 so far {best:.4f})")
-    rows = [r for r in rows if r["epoch"] < start_epoch]
+        start_epoch, start_step, carry, best, rows = restore_training(
+            resume, cfg, optimizer, scheduler, ema, scaler, steps_per_epoch, best_path, log)
     net = torch.compile(model) if cfg["compile"] and device.type == "cuda" else model
-
-    images, labels = place_images(data.images, device, cfg, log), data.labels
+    try:
+        need = training_memory(model, optimizer, criterion, device, cfg)
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(f"CUDA ran out of memory at batch size {cfg['batch_size']}: try "
+                        f"--batch-size {max(cfg['batch_size'] // 2, 1)}") from None
+    images, labels = place_images(data.images, device, cfg, log, need), data.labels
     if isinstance(images, torch.Tensor):
         labels = torch.from_numpy(np.asarray(labels)).to(device)
     val_y = data.labels[val_idx]
     taus = threshold_grid(cfg["threshold_min"], cfg["threshold_max"], cfg["threshold_step"])
-
     writer = make_writer(dirs["runs"], purge_step=start_epoch if resume else None)
     stop = StopFlag().install()
-    best_path = dirs["checkpoint"] / "best_model.pth"
-    last_path = dirs["checkpoint"] / "last.pth"
-    epoch, best_seen = start_epoch, None
-
-    features = None
+    epoch, best_seen, features = start_epoch, None, None
 
     def save_interrupted(step, carry_now):
         save_checkpoint(last_path, checkpoint_state(model, optimizer, scheduler, cfg, run_id, epoch, step,
-                                                    best, None, carry_now, ema, metrics=rows))
+                                                    best, None, carry_now, ema, metrics=rows, scaler=scaler))
 
     try:
         for epoch in range(start_epoch, cfg["epochs"] + 1):
             lr = max(g["lr"] for g in optimizer.param_groups)
             head_only = freeze_for_epoch(model, cfg, epoch)
             if uses_features(cfg, epoch) and features is None:
-                rows_all = np.concatenate([train_idx, val_idx])
+                rows_all = np.sort(np.concatenate([train_idx, val_idx]))   # one cache for every split
                 features = torch.from_numpy(cached_features(model, data, device, cfg, rows_all, log)).to(device)
             on_features = features if uses_features(cfg, epoch) else None
             try:
@@ -2261,7 +2388,7 @@ def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume):
                     net, optimizer, images, labels, train_idx, device, cfg, epoch,
                     start_step if epoch == start_epoch else 0, carry if epoch == start_epoch else None,
                     stop, save_interrupted, scheduler=scheduler, criterion=criterion, ema=ema, repeat=repeat,
-                    head_only=head_only, features=on_features)
+                    head_only=head_only, features=on_features, scaler=scaler)
                 t_val = time.time()
                 val_loss, probs, report, use_ema = evaluate_both(net, ema, images, data.labels, val_idx, device,
                                                                  cfg, taus, on_features)
@@ -2273,36 +2400,32 @@ def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume):
                    **scalar_metrics(report), "ema": int(use_ema), "images_per_s": seen / max(seconds, 1e-9),
                    "epoch_s": seconds + time.time() - t_val}
             rows.append(row)
-            calibration = None
             if report["best"]["f1"] > best:
                 best = report["best"]["f1"]
-                calibration = calibrate_thresholds(val_y, probs, taus, cfg["thresholds"], seed=cfg["seed"])
-                state = checkpoint_state(model, optimizer, scheduler, cfg, run_id, epoch, 0, best, report, None,
-                                         ema, use_ema, calibration, metrics=rows)
-                save_checkpoint(best_path, state)
+                save_checkpoint(best_path, checkpoint_state(model, optimizer, scheduler, cfg, run_id, epoch, 0, best,
+                                                            report, None, ema, use_ema, training=False))
+                save_val_scores(dirs["output"] / "val_scores.npz", probs, [data.stems[i] for i in val_idx], val_y,
+                                epoch)
                 write_per_class(dirs["output"] / "per_class.csv", report)
-                atomic_write_text(dirs["output"] / "thresholds.json", json.dumps(
-                    dict(calibration, epoch=epoch, strength=str(calibration["strength"])), indent=1))
-                best_seen = (epoch, report, probs, calibration)
+                best_seen = (epoch, report, probs)
             # last.pth first: from here on a stop leaves a run that resumes after this epoch,
             # and the resume rewrites metrics.csv from the rows the checkpoint carries.
-            state = checkpoint_state(model, optimizer, scheduler, cfg, run_id, epoch, 0, best, report, None,
-                                     ema, use_ema, calibration, metrics=rows)
-            save_checkpoint(last_path, state)
+            save_checkpoint(last_path, checkpoint_state(model, optimizer, scheduler, cfg, run_id, epoch, 0, best,
+                                                        report, None, ema, use_ema, metrics=rows, scaler=scaler))
             keep_epoch_file(last_path, dirs["checkpoint"] / f"epoch_{epoch:03d}.pth")
             prune_epoch_files(dirs["checkpoint"], cfg["keep_epochs"])
             write_metrics_csv(metrics_path, rows)
             log_tensorboard(writer, epoch, row, report)
             log(epoch_line(epoch, cfg["epochs"], row))
-            if calibration is not None:
-                log("  " + describe_calibration(calibration))
+        calibration = finish_thresholds(best_path, dirs["output"], cfg, taus, log)
         if best_seen is not None:
-            b_epoch, b_report, b_probs, b_cal = best_seen
+            b_epoch, b_report, b_probs = best_seen
             log(f"best epoch {b_epoch}: F1 {best:.4f} at tau {b_report['tau']:.2f}\n{class_summary(b_report)}")
             if cfg["reports"]:
                 write_reports(dirs["output"], writer, b_epoch, b_report, b_probs, val_y, data.images, val_idx,
-                              b_cal, log)
+                              calibration or {}, log)
     except StopRequested:
+        finish_thresholds(best_path, dirs["output"], cfg, taus, log)
         code = 130 if stop.signum == signal.SIGINT else 143
         log(f"stopped during epoch {epoch}; state saved in {last_path}\nresume with:\n"
             f"  python MS_COCO.py --resume {last_path}")
@@ -2315,6 +2438,55 @@ def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume):
     return {"run_id": run_id, "best_score": best, "best_path": best_path, "last_path": last_path,
             "threshold": best_state["threshold"] if best_state else 0.5, "dirs": dirs,
             "thresholds": best_state["thresholds"] if best_state else {}}
+
+
+def restore_training(resume, cfg, optimizer, scheduler, ema, scaler, steps_per_epoch, best_path, log):
+    """Optimizer, schedule, EMA, scaler and RNG of a resumed run; (start epoch, start step,
+    carry, best score, metrics rows)."""
+    optimizer.load_state_dict(resume["optimizer"])
+    scheduler.load_state_dict(resume["scheduler"])
+    if ema is not None and resume.get("ema"):
+        ema.load_state_dict(resume["ema"])
+    if resume.get("scaler"):
+        scaler.load_state_dict(resume["scaler"])
+    torch.set_rng_state(resume["torch_rng"])
+    best = resume["best_score"]
+    if best_path.is_file():                                  # a kill between the two saves
+        best = max(best, load_checkpoint(best_path)["best_score"])
+    start_epoch, start_step, carry = resume["epoch"] + 1, 0, None
+    if resume["step"]:
+        start_epoch = resume["epoch"]
+        if cfg["batch_size"] == resume["config"]["batch_size"]:
+            start_step, carry = resume["step"], tuple(resume["carry"])
+        else:
+            log(f"--batch-size changed: epoch {start_epoch} restarts from its first step")
+    rebase_schedule(optimizer, scheduler, cfg, (start_epoch - 1) * steps_per_epoch + start_step, steps_per_epoch)
+    rows = [r for r in resume.get("metrics") or [] if r["epoch"] < start_epoch]   # match its epoch exactly
+    log(f"resuming run {resume['run_id']} at epoch {start_epoch}" + (f", step {start_step}" if start_step else "")
+        + f" (best F1 so far {best:.4f})")
+    return start_epoch, start_step, carry, best, rows
+
+
+def finish_thresholds(best_path, out_dir, cfg, taus, log):
+    """Calibrate the export's thresholds once, on the best epoch's stored validation scores
+    (per-class fit and the held-out comparison of the options are too slow for every epoch),
+    and write them into best_model.pth and thresholds.json. Returns the calibration."""
+    scores = Path(out_dir) / "val_scores.npz"
+    if not best_path.is_file() or not scores.is_file():
+        return None
+    state = load_checkpoint(best_path)
+    if not state["thresholds"].get("provisional"):
+        return state["thresholds"]
+    with np.load(scores) as z:
+        y, probs = z["labels"].astype(bool), z["probs"]
+    t0 = time.time()
+    cal = calibrate_thresholds(y, probs, taus, cfg["thresholds"], seed=cfg["seed"])
+    cal["strength"] = str(cal["strength"])          # inf is not JSON
+    state.update(threshold=cal["threshold"], min_one_label=bool(cal["min_one"]), thresholds=cal)
+    save_checkpoint(best_path, state)
+    atomic_write_text(Path(out_dir) / "thresholds.json", json.dumps(dict(cal, epoch=state["epoch"]), indent=1))
+    log(f"  {describe_calibration(cal)} ({time.time() - t0:.1f}s)")
+    return cal
 
 
 def freeze_for_epoch(model, cfg, epoch):
@@ -2335,6 +2507,16 @@ def uses_features(cfg, epoch):
     --head-epochs phase (a linear probe on the un-augmented images), and with --freeze backbone
     when there is no augmentation to lose."""
     return epoch <= cfg["head_epochs"] or (cfg["freeze"] == "backbone" and no_augmentation(cfg))
+
+
+def save_val_scores(path, probs, stems, labels, epoch):
+    """The best epoch's validation probabilities with their image stems and labels: what an
+    ensemble needs to fit its thresholds (MS_COCO_test.py --ckpt A B ...)."""
+    import io
+    buf = io.BytesIO()
+    np.savez_compressed(buf, probs=np.asarray(probs, np.float32), stems=np.asarray(stems, dtype=str),
+                        labels=np.asarray(labels, np.uint8), epoch=np.int64(epoch))
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def keep_epoch_file(last_path, epoch_path):

@@ -1,29 +1,41 @@
-"""Write predictions.json for the challenge's test images from a trained checkpoint.
+"""Write predictions.json for the challenge's test images from a trained checkpoint, or an ensemble of them.
 
     python MS_COCO_test.py                                   # newest checkpoints/*/best_model.pth -> predictions.json
     python MS_COCO_test.py --ckpt checkpoints/<run_id>/best_model.pth --out outputs/<run_id>/predictions.json
+    python MS_COCO_test.py --ckpt run_a run_b run_c          # ensemble: run ids mean checkpoints/<id>/best_model.pth
+    python MS_COCO_test.py --ckpt run_a run_b --ensemble-weights 1,3   # weighted average of the probabilities
+    python MS_COCO_test.py --ckpt run_a run_b --threshold-value 0.3    # runs with different splits: fixed threshold
+    python MS_COCO_test.py --tta                             # force test-time flips on (--no-tta: off)
     python MS_COCO_test.py --labels path/to/labels           # also score the predictions like the leaderboard
     python MS_COCO_test.py --predictions predictions.json --labels path/to/labels   # score a file only
 
 The checkpoint carries everything needed: architecture, image size, normalisation and the
 threshold(s) tuned on validation. Preprocessing is imported from MS_COCO.py, never copied.
+An ensemble averages its models' sigmoid probabilities (each model at its own image size,
+normalisation, TTA and AMP setting, one model in memory at a time) and fits its thresholds
+anew with MS_COCO.calibrate_thresholds on the runs' averaged validation scores
+(outputs/<run_id>/val_scores.npz): only when every run has the same validation split, as
+thresholds fitted on one run's validation images would otherwise be judged on images another
+run trained on. Runs with different splits need --threshold-value.
 The JSON maps every test image's stem to its class ids, ascending: {"000000000139": [56, 60], ...}.
 """
 
+import argparse
 import json
 import os
 import sys
 import tempfile
+import zipfile
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import MS_COCO as M
 
 # ---------------------------------------------------------------- constants
-CKPT_PATH = ""                              # checkpoint to use ("" = newest CHECKPOINT_DIR/*/best_model.pth)
-CHECKPOINT_DIR = "checkpoints"              # where the newest run is looked for
+CHECKPOINT_DIR = "checkpoints"              # where the newest run and run ids given to --ckpt are looked for
 TEST_DIR = "ms-coco/images/test-resized"    # test images (images/test and nested folders are found too)
 OUT = "predictions.json"                    # output JSON (parent folders are created)
 LABELS = ""                                 # a labels folder (.cls files) to score the predictions against
@@ -31,10 +43,21 @@ PREDICTIONS = ""                            # score this existing JSON against -
 BATCH_SIZE = 256                            # images per forward pass
 DEVICE = "auto"                             # auto (cuda when present) | cpu | cuda | cuda:N | mps
 LOADER_THREADS = 0                          # decode threads (0 = one per core)
-THRESHOLDS = ""                             # "" = the checkpoint's choice | global | per_class | global+top1 | per_class+top1
+THRESHOLDS = ""                             # "" = the checkpoint's choice | global | per_class | global+top1 | per_class+top1 (ensembles refit it)
+ENSEMBLE_WEIGHTS = ""                       # one weight per --ckpt, e.g. "0.5,0.3,0.2" ("" = equal; 0 leaves a run out)
+THRESHOLD_VALUE = 0.0                       # fixed global threshold in (0, 1) instead of fitted ones (0 = unused); needed when ensembled runs have different validation splits
+# --threshold-value exists because an ensemble of runs with different splits has no validation
+# images that none of its models trained on: no threshold can be fitted honestly, so the user
+# names one (with --thresholds global+top1 each image also keeps its top class).
+# --ckpt/--ckpt-path (several values), --tta/--no-tta and --amp/--no-amp are added in
+# parse_config: a list and two "follow each checkpoint unless forced" switches are not constants.
 
 CHOICES = {"thresholds": ("",) + M.THRESHOLD_OPTIONS}
-RANGES = {"batch_size": ">= 1", "loader_threads": ">= 0"}
+RANGES = {"batch_size": ">= 1", "loader_threads": ">= 0", "threshold_value": "[0, 1)"}
+# What a checkpoint holds besides its description: an ensemble keeps only the description of
+# each run and loads the weights again when that model's turn comes (one model in memory).
+WEIGHT_KEYS = ("model", "raw_model", "ema", "optimizer", "scheduler", "torch_rng", "metrics")
+FIXED_THRESHOLD_HINT = "or pass --threshold-value T (a fixed global threshold, e.g. 0.3) to export them anyway"
 
 
 def newest_checkpoint(checkpoint_dir):
@@ -177,39 +200,211 @@ def print_scores(scores, labels_dir):
           f"macro F1 {scores['macro_f1']:.4f}  micro F1 {scores['micro_f1']:.4f}")
 
 
-def predict_folder(state, test_dir, cfg):
-    """Probabilities for every image of test_dir; unreadable images get a row of NaN."""
+def checkpoint_paths(cfg):
+    """The --ckpt values as files: a value that is not a file but names a run X means
+    CHECKPOINT_DIR/X/best_model.pth; nothing given means the newest run's best_model.pth."""
+    if not cfg["ckpt_path"]:
+        return [newest_checkpoint(cfg["checkpoint_dir"])]
+    paths = []
+    for value in cfg["ckpt_path"]:
+        path, run = Path(value), Path(cfg["checkpoint_dir"]) / value / "best_model.pth"
+        paths.append(run if not path.is_file() and run.is_file() else path)   # a missing file: load says so
+    return paths
+
+
+def ensemble_weights(text, count):
+    """--ensemble-weights as floats summing to 1, one per checkpoint ("" = equal)."""
+    if not text:
+        return [1.0 / count] * count
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise M.UserError(f"--ensemble-weights {text!r}: give numbers separated by commas, e.g. 0.5,0.3,0.2") from None
+    if len(weights) != count:
+        raise M.UserError(f"--ensemble-weights {text!r} gives {len(weights)} weight(s) for {count} checkpoint(s): "
+                          f"give one per --ckpt")
+    if not all(np.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise M.UserError(f"--ensemble-weights {text!r}: weights must be >= 0 with a sum above 0")
+    return [w / sum(weights) for w in weights]
+
+
+def load_member(path, keep_weights):
+    """A checkpoint with its path; an ensemble's without its weights (reloaded when used)."""
+    state = M.load_checkpoint(path)
+    return {k: v for k, v in state.items() if keep_weights or k not in WEIGHT_KEYS} | {"path": path}
+
+
+def reload_weights(member):
+    """The member's full checkpoint, checked to be the one that was described and calibrated:
+    a run still training may have replaced its best_model.pth meanwhile."""
+    if "model" in member:
+        return member
+    state = M.load_checkpoint(member["path"])
+    if (state["run_id"], state["epoch"], state.get("time")) != (member["run_id"], member["epoch"], member.get("time")):
+        raise M.UserError(f"{member['path']} changed during the export (is its run still training?): "
+                          f"run the same command again")
+    return state
+
+
+def switch(forced, own):
+    """A --x/--no-x option that is None unless given: each checkpoint's own setting then."""
+    return own if forced is None else forced
+
+
+def model_probs(state, images, device, cfg):
+    """One checkpoint's probabilities on decoded images: its own normalisation, and its own TTA
+    and AMP (bf16 on CUDA) settings unless --tta/--no-tta or --amp/--no-amp force them."""
+    model = M.model_from_checkpoint(state).to(device)
+    amp = switch(cfg.get("amp"), state["config"].get("amp", True))
+    tta = switch(cfg.get("tta"), state.get("tta", False))
+    return M.predict(model, images, device, cfg["batch_size"], amp=amp, mean=state["mean"], std=state["std"], tta=tta)
+
+
+def predict_ensemble(members, weights, test_dir, cfg):
+    """(stems, weighted mean of the members' probabilities) for every image of test_dir;
+    weights sum to 1. The images are decoded once per distinct image size and the models run
+    one after another, so one model and one decoded copy are in memory at a time. Unreadable
+    images get a row of NaN."""
     paths = list_test_images(test_dir)
     device = M.pick_device(cfg["device"])
-    model = M.model_from_checkpoint(state).to(device)
-    images, bad = M.decode_all(paths, state["image_size"], threads=cfg["loader_threads"], desc="test images")
-    probs = M.predict(model, images, device, cfg["batch_size"], amp=True, mean=state["mean"], std=state["std"],
-                      tta=state.get("tta", False))
-    for i, why in bad:
+    total = np.zeros((len(paths), M.NUM_CLASSES), np.float64)
+    unreadable = {}
+    for size in dict.fromkeys(m["image_size"] for m in members):
+        images, bad = M.decode_all(paths, size, threads=cfg["loader_threads"], desc=f"test images {size}px")
+        unreadable.update(bad)
+        for member, weight in zip(members, weights):
+            if member["image_size"] == size:
+                state = reload_weights(member)
+                total += weight * np.asarray(model_probs(state, images, device, cfg), np.float64)
+                del state                           # before the next model is loaded
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        del images
+    for i, why in sorted(unreadable.items()):
         print(f"warning: {paths[i]} cannot be read ({why}); it gets an empty prediction", file=sys.stderr)
-        probs[i] = np.nan
-    return [p.stem for p in paths], probs
+        total[i] = np.nan
+    return [p.stem for p in paths], total.astype(np.float32)
+
+
+def predict_folder(state, test_dir, cfg):
+    """Probabilities of one checkpoint for every image of test_dir; unreadable images get a row of NaN."""
+    return predict_ensemble([state], [1.0], test_dir, cfg)
+
+
+def read_validation(member):
+    """(split path, (train, val) stems sorted, val stems, val probs, val labels) that the
+    member's run saved beside its checkpoint (outputs/<run_id>/split.json and val_scores.npz)."""
+    folder = Path(member["config"]["output_dir"]) / member["run_id"]
+    split_path, scores_path = folder / "split.json", folder / "val_scores.npz"
+    for path in (split_path, scores_path):
+        if not path.is_file():
+            raise M.UserError(f"run {member['run_id']} has no {path}: an ensemble's thresholds are fitted on the "
+                              f"validation scores of runs sharing one split; {FIXED_THRESHOLD_HINT}")
+    try:
+        split = json.loads(split_path.read_text())
+        with np.load(scores_path) as z:
+            stems, probs, labels, epoch = [str(s) for s in z["stems"]], z["probs"], z["labels"], int(z["epoch"])
+        split = (sorted(split["train"]), sorted(split["val"]))
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+        raise M.UserError(f"cannot read run {member['run_id']}'s {split_path} or {scores_path} "
+                          f"({type(exc).__name__}); {FIXED_THRESHOLD_HINT}") from None
+    if epoch != member["epoch"]:
+        raise M.UserError(f"{scores_path} holds epoch {epoch}'s validation scores but {member['path']} is epoch "
+                          f"{member['epoch']}: ensemble the runs' best_model.pth, {FIXED_THRESHOLD_HINT}")
+    if sorted(stems) != split[1]:
+        raise M.UserError(f"{scores_path} does not score the validation images of {split_path}; "
+                          f"{FIXED_THRESHOLD_HINT}")
+    return split_path, split, stems, probs, labels
+
+
+def shared_validation(members):
+    """(labels, [probs of each member]) on the validation images of the members' common split,
+    rows in the first member's order. Refused unless every run has the same train/validation
+    split: thresholds fitted on one run's validation images would be scored on images another
+    run trained on, and their estimate would be optimistic."""
+    first_path, first_split, order, _, labels = read_validation(members[0])
+    member_probs = []
+    for member in members:
+        split_path, split, stems, probs, _ = read_validation(member)     # the first again: one loop for all
+        if split != first_split:
+            raise M.UserError(f"runs {members[0]['run_id']} and {member['run_id']} have different validation splits "
+                              f"({first_path} vs {split_path}): thresholds fitted on one run's validation images "
+                              f"would be scored on images the other trained on; train them with the same --seed "
+                              f"and --val-fraction on the same data, {FIXED_THRESHOLD_HINT}")
+        row = {s: i for i, s in enumerate(stems)}
+        member_probs.append(np.asarray(probs, np.float64)[[row[s] for s in order]])
+    return labels, member_probs
+
+
+def weighted_mean(arrays, weights):
+    return sum(w * np.asarray(a, np.float64) for w, a in zip(weights, arrays))
+
+
+def heldout_estimate(cal):
+    return f"out-of-fold validation F1 {cal['heldout_f1'][cal['chosen']]:.4f} ({cal['chosen']} thresholds)"
+
+
+def calibrate_ensemble(members, weights, cfg):
+    """Thresholds for the ensemble, fitted on its averaged validation probabilities by the same
+    calibration as training (mode: --thresholds, else the first run's option; the first run's
+    threshold grid and seed). Each member is re-estimated the same way, so the printed figures
+    compare."""
+    labels, member_probs = shared_validation(members)
+    run = members[0]["config"]
+    mode = cfg["thresholds"] or run.get("thresholds", "global")
+    taus = M.threshold_grid(run["threshold_min"], run["threshold_max"], run["threshold_step"])
+    calibrate = lambda probs: M.calibrate_thresholds(labels, probs, taus, mode, seed=run["seed"])
+    for member, probs in zip(members, member_probs):
+        print(f"  run {member['run_id']}: {heldout_estimate(calibrate(probs))}")
+    cal = calibrate(weighted_mean(member_probs, weights))
+    print(f"  ensemble of {len(members)}: {heldout_estimate(cal)} on {len(labels)} shared validation images")
+    return cal
+
+
+def export_thresholds(members, weights, cfg):
+    """{"threshold", "min_one_label"} to apply: --threshold-value when given, a single
+    checkpoint's own (or another stored option), an ensemble's fitted anew."""
+    if cfg["threshold_value"]:
+        return {"threshold": cfg["threshold_value"], "min_one_label": cfg["thresholds"] == "global+top1"}
+    if len(members) == 1:
+        return choose_thresholds(members[0], cfg["thresholds"])
+    cal = calibrate_ensemble(members, weights, cfg)
+    return {"threshold": cal["threshold"], "min_one_label": cal["min_one"]}
+
+
+def describe_member(m, weight=None):
+    extra = f", {m['image_size']}px, weight {weight:.3g}" if weight is not None else ""
+    return (f"checkpoint {m['path']} (run {m['run_id']}, epoch {m['epoch']}, {m['arch']}{extra}, "
+            f"validation F1 {m['val_metrics'].get('f1', float('nan')):.4f})")
 
 
 def export(cfg):
     check_out_path(cfg["out"])
-    ckpt = Path(cfg["ckpt_path"]) if cfg["ckpt_path"] else newest_checkpoint(cfg["checkpoint_dir"])
-    state = choose_thresholds(M.load_checkpoint(ckpt), cfg["thresholds"])
+    paths = checkpoint_paths(cfg)
+    weights = ensemble_weights(cfg["ensemble_weights"], len(paths))
+    runs = [(p, w) for p, w in zip(paths, weights) if w > 0]
+    members = [load_member(p, keep_weights=len(runs) == 1) for p, _ in runs]
+    weights = [w for _, w in runs]
     test_dir = find_test_dir(cfg["test_dir"])
-    print(f"checkpoint {ckpt} (run {state['run_id']}, epoch {state['epoch']}, {state['arch']}, "
-          f"validation F1 {state['val_metrics'].get('f1', float('nan')):.4f}); test images {test_dir}")
-    stems, probs = predict_folder(state, test_dir, cfg)
+    if len(members) == 1:
+        print(f"{describe_member(members[0])}; test images {test_dir}")
+    else:
+        print(f"ensemble of {len(members)} checkpoints; test images {test_dir}")
+        for m, w in zip(members, weights):
+            print("  " + describe_member(m, w))
+    chosen = export_thresholds(members, weights, cfg)
+    stems, probs = predict_ensemble(members, weights, test_dir, cfg)
     finite = np.isfinite(probs).all(1)
     if (~finite).sum() > sum(np.isnan(probs).all(1)):
         print(f"warning: {int((~finite).sum())} image(s) got non-finite scores; they get an empty prediction",
               file=sys.stderr)
-    pred = M.apply_thresholds(np.where(finite[:, None], probs, 0.0), state["threshold"],
-                              state.get("min_one_label", False)) & finite[:, None]
+    pred = M.apply_thresholds(np.where(finite[:, None], probs, 0.0), chosen["threshold"],
+                              chosen["min_one_label"]) & finite[:, None]
     preds = predictions_dict(stems, pred)
     write_predictions(cfg["out"], preds, stems)
     per_image = pred.sum(1)
     print(f"wrote {cfg['out']}: {len(stems)} images, {per_image.mean():.2f} labels per image, "
-          f"{int((per_image == 0).sum())} with none (thresholds: {describe_threshold(state)})")
+          f"{int((per_image == 0).sum())} with none (thresholds: {describe_threshold(chosen)})")
     return preds
 
 
@@ -235,12 +430,23 @@ def describe_threshold(state):
 
 def parse_config(argv=None):
     module = sys.modules[__name__]
-    parser = M.build_parser(module, "Write predictions.json from a trained checkpoint.")
-    parser.add_argument("--ckpt", dest="ckpt_path", help="alias of --ckpt-path")
+    parser = M.build_parser(module, "Write predictions.json from a trained checkpoint, or an ensemble of several.")
+    parser.add_argument("--ckpt-path", "--ckpt", dest="ckpt_path", nargs="+", default=[], metavar="CKPT",
+                        help="checkpoint file(s), or run id(s) meaning CHECKPOINT_DIR/<id>/best_model.pth; several "
+                             "are an ensemble: their probabilities are averaged and thresholds fitted on the "
+                             "validation split they share (default: the newest CHECKPOINT_DIR/*/best_model.pth)")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                        help="also score the mirrored images (default: as each checkpoint was trained)")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                        help="bf16 autocast on CUDA, ignored on CPU (default: as each checkpoint was trained)")
     given = vars(parser.parse_args(argv))
     cfg = {k: v for k, (v, _) in M.module_constants(module).items()}
     cfg.update(given)
-    return M.validate_options(cfg, RANGES, CHOICES)
+    M.validate_options(cfg, RANGES, CHOICES)
+    if cfg["threshold_value"] and cfg["thresholds"].startswith("per_class"):
+        raise M.UserError(f"--threshold-value is one global threshold: it cannot be --thresholds {cfg['thresholds']} "
+                          f"(use global or global+top1)")
+    return cfg
 
 
 def main(argv=None):

@@ -36,7 +36,7 @@ def test_training_writes_every_file(trained):
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert set(M.METRIC_COLUMNS) <= set(rows[0])
     for r in rows:
-        assert 0 <= float(r["f1"]) <= 1 and 0.05 <= float(r["tau"]) <= 0.95 and float(r["images_per_s"]) > 0
+        assert 0 <= float(r["f1"]) <= 1 and M.THRESHOLD_MIN <= float(r["tau"]) <= 0.95 and float(r["images_per_s"]) > 0
     per_class = list(csv.DictReader((out / "per_class.csv").open()))
     assert len(per_class) == 80 and {"class", "support", "precision", "recall", "f1", "ap"} <= set(per_class[0])
     config = json.loads((out / "config.json").read_text())
@@ -57,11 +57,14 @@ def test_checkpoint_describes_itself(trained):
     tmp, _ = trained
     state = torch.load(tmp / "checkpoints" / "t" / "best_model.pth", weights_only=True)
     for key in ("model", "arch", "image_size", "mean", "std", "class_names", "threshold", "epoch",
-                "val_metrics", "config", "optimizer", "scheduler", "format_version"):
+                "val_metrics", "config", "format_version", "amp", "tta"):
         assert key in state, key
+    assert "optimizer" not in state                         # the export needs no training state ...
+    last = torch.load(tmp / "checkpoints" / "t" / "last.pth", weights_only=True)
+    assert {"optimizer", "scheduler", "scaler", "torch_rng", "metrics"} <= set(last)   # ... resume does
     assert state["arch"] == "resnet18" and state["image_size"] == 32 and len(state["class_names"]) == 80
     assert isinstance(state["config"], dict) and state["config"]["batch_size"] == 8
-    assert 0.05 <= float(np.mean(state["threshold"])) <= 0.95
+    assert M.THRESHOLD_MIN <= float(np.mean(state["threshold"])) <= 0.95
     rows = list(csv.DictReader((tmp / "outputs" / "t" / "metrics.csv").open()))
     best = max(rows, key=lambda r: float(r["f1"]))
     assert state["epoch"] == int(best["epoch"])             # the best epoch by challenge F1 at its tau*
