@@ -13,6 +13,7 @@ and the per-run figures as JSON. No test data is read.
 """
 
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -96,6 +97,8 @@ def run_one(args, variant, seed, out_dir):
                device=args["device"], seed=seed, keep_epochs=0, reports=False, run_id=f"{variant}-s{seed}",
                checkpoint_dir=str(out_dir / "checkpoints"), output_dir=str(out_dir / "outputs"),
                runs_dir=str(out_dir / "runs"), cache_dir=args["cache_dir"])
+    for folder in M.run_dirs(cfg, cfg["run_id"]).values():  # an interrupted attempt of this run starts over
+        shutil.rmtree(folder, ignore_errors=True)
     plumbing = set(cfg) - {"epochs", "lr", "lr_step"}        # a recipe's own values win over the base budget
     cfg.update(VARIANT_OPTIONS[variant])
     t0 = time.time()

@@ -16,7 +16,7 @@ def test_bench_main_writes_positive_figures(tmp_path):
     bench.main(["--source-dir", str(source), "--bench-dir", str(tmp_path / "bench"), "--count", "20",
                 "--size", "32", "--batch", "4", "--device", "cpu", "--warmup", "1", "--steps", "2",
                 "--workers", "1", "--threads", "2", "--pil-images", "10", "--sweep-rows", "300",
-                "--sweep-repeats", "1", "--out", str(out)])
+                "--sweep-repeats", "1", "--repeats", "1", "--val-rows", "300", "--out", str(out)])
     r = json.loads(out.read_text())
     assert r["dataset"]["count"] == 20
     assert len(list((tmp_path / "bench" / "ms-coco" / "images" / "train-resized").glob("*.jpg"))) == 20
@@ -35,3 +35,20 @@ def test_bench_main_writes_positive_figures(tmp_path):
     assert r["decode"]["cache_build_s"] <= r["decode"]["cold_start_s"]
     assert r["memory"]["peak_gpu_mb"] is None
     assert r["sweep"]["rows"] == 300 and r["sweep"]["classes"] == 80
+
+
+def test_gpu_check_runs_end_to_end_at_tiny_scale(tmp_path):
+    """The prepared GPU check, on the CPU with a few images: every stage runs and is recorded."""
+    source = MS_COCO.make_demo_dataset(tmp_path / "source", n_train=24, n_test=6)
+    out = tmp_path / "check"
+    bench.main(["--gpu-check", str(out), "--source-dir", str(source), "--bench-dir", str(tmp_path / "bench"),
+                "--count", "30", "--size", "32", "--batch", "8", "--device", "cpu", "--warmup", "1", "--steps", "1",
+                "--repeats", "1", "--workers", "1", "--threads", "1", "--pil-images", "5", "--sweep-rows", "200",
+                "--sweep-repeats", "1", "--val-rows", "300", "--out", str(tmp_path / "bench.json")])
+    r = json.loads((out / "gpu_check.json").read_text())
+    assert set(r["stages"]) == {"train_data_on_gpu", "train_data_in_host_memory", "resume_one_epoch",
+                                "export_and_score"}
+    assert [row["epoch"] for row in r["stages"]["resume_one_epoch"]["epochs"]] == [1, 2, 3]
+    assert 0 <= r["stages"]["export_and_score"]["f1"] <= 1
+    assert r["bench"]["epoch_overhead_s"]["after"] > 0 and r["bench"]["calibration_s"] > 0
+    assert "epoch   3/3" in (out / "gpu_check.log").read_text()
