@@ -119,6 +119,7 @@ OUTPUT_DIR = "outputs"          # outputs/<run_id>/
 RUNS_DIR = "runs"               # TensorBoard logs: runs/<run_id>/
 RUN_ID = ""                     # run folder name ("" = a timestamp)
 RESUME = ""                     # path of a last.pth (or epoch file) to continue from
+REFIT_FROM = ""                 # a best_model.pth: retrain its settings on train + validation, keep its thresholds
 DEMO = False                    # generate demo-data/ when absent, train briefly on CPU, export predictions
 DEMO_DIR = "demo-data"          # where --demo builds its dataset
 
@@ -1905,6 +1906,9 @@ def class_summary(report, k=5):
 
 
 def epoch_line(epoch, epochs, row):
+    if math.isnan(row["f1"]):                   # a refit: no validation images left
+        return (f"epoch {epoch:3d}/{epochs}  loss {row['train_loss']:.4f}  (refit: no validation)  "
+                f"{row['images_per_s']:.0f} img/s  {row['epoch_s']:.1f}s")
     return (f"epoch {epoch:3d}/{epochs}  loss {row['train_loss']:.4f}/{row['val_loss']:.4f}  "
             f"F1 {row['f1']:.4f} (P {row['precision']:.3f} R {row['recall']:.3f}) @tau {row['tau']:.2f}  "
             f"F1@0.5 {row['f1_at_0.5']:.4f}  mAP {row['map']:.3f}  "
@@ -1926,7 +1930,7 @@ def log_tensorboard(writer, epoch, row, report):
     for key, value in row.items():
         if key != "epoch":
             writer.add_scalar(f"metrics/{key}", value, epoch)
-    for c, name in enumerate(CLASS_NAMES):
+    for c, name in enumerate(CLASS_NAMES if report else ()):
         if report["best"]["support"][c] > 0:
             writer.add_scalar(f"class_f1/{c:02d}_{name.replace(' ', '_')}", report["best"]["class_f1"][c], epoch)
     writer.flush()
@@ -2090,10 +2094,14 @@ def run_demo(cfg, given=()):
     cfg = merge_settings(dict(cfg, demo=True), set(given))
     cfg["data_dir"], cfg["demo"] = str(demo_dir), False
     result = train(cfg, given=set(cfg))
-    import MS_COCO_test
     out = Path(cfg["output_dir"]) / result["run_id"] / "predictions.json"
-    MS_COCO_test.main(["--ckpt", str(result["best_path"]), "--test-dir", str(demo_dir / "images" / "test-resized"),
-                       "--out", str(out), "--labels", str(demo_dir / "labels" / "test"), "--device", cfg["device"]])
+    # the export as a user runs it: the trainer never imports the export side
+    import subprocess
+    export = subprocess.run([sys.executable, str(Path(__file__).with_name("MS_COCO_test.py")),
+                             "--ckpt", str(result["best_path"]), "--test-dir", str(demo_dir / "images" / "test-resized"),
+                             "--out", str(out), "--labels", str(demo_dir / "labels" / "test"), "--device", cfg["device"]])
+    if export.returncode:
+        raise SystemExit(export.returncode)
     chosen = result["thresholds"].get("chosen", "global")
     print(f"demo: validation challenge F1 {result['best_score']:.4f} at the global tau*, thresholds {chosen}; "
           f"predictions in {out}; wall time {time.time() - t0:.0f}s")
@@ -2255,7 +2263,12 @@ def train(cfg, log=print, given=None):
     if resume and "optimizer" not in resume:
         raise UserError(f"{cfg['resume']} holds the weights to export, not the training state: resume from "
                         f"last.pth (or an epoch_NNN.pth) in the same folder")
-    cfg.update(merge_settings(cfg, given_keys(cfg, given), resume["config"] if resume else None, log))
+    source = None
+    if cfg["refit_from"] and not resume:
+        source = load_checkpoint(cfg["refit_from"])
+        cfg.update(refit_settings(cfg, given_keys(cfg, given), source, log))
+    else:
+        cfg.update(merge_settings(cfg, given_keys(cfg, given), resume["config"] if resume else None, log))
     run_id = resume["run_id"] if resume else (cfg["run_id"] or new_run_id())
     cfg["run_id"] = run_id
     dirs = run_dirs(cfg, run_id)
@@ -2274,10 +2287,12 @@ def train(cfg, log=print, given=None):
             raise UserError(f"{split_path} is missing: without its split a resumed run would validate on "
                             f"images it trained on; start a new run instead")
         train_idx, val_idx = load_split(split_path, data)
+    elif source:
+        train_idx, val_idx = usable_rows(data), np.zeros(0, int)     # every labelled image trains
     else:
         usable = usable_rows(data)
         train_idx, val_idx = (usable[i] for i in make_split(data.labels[usable], cfg["val_fraction"], cfg["seed"]))
-    if len(val_idx) == 0 or len(train_idx) == 0:
+    if (len(val_idx) == 0 and not cfg["refit_from"]) or len(train_idx) == 0:
         raise UserError(f"{len(data.stems)} images are too few for a train/validation split; add images "
                         f"or raise --val-fraction")
     created = {d for d in dirs.values() if not d.exists()}
@@ -2307,6 +2322,22 @@ def train(cfg, log=print, given=None):
         if isinstance(exc, KeyboardInterrupt):
             raise SystemExit(130) from None
         raise
+
+
+def refit_settings(cfg, given, source, log=print):
+    """The settings of a refit: the source run's own (as for a resume, with the same warnings),
+    its best epoch count and epoch-based schedule scaled by train / (train + validation), so
+    the refit takes as many steps as the run that validated them."""
+    merged = merge_settings(cfg, given - {"run_id"}, source["config"], log)
+    split = json.loads((Path(source["config"]["output_dir"]) / source["run_id"] / "split.json").read_text())
+    scale = len(split["train"]) / max(len(split["train"]) + len(split["val"]), 1)
+    merged.update(refit_from=cfg["refit_from"], resume="", run_id=cfg["run_id"] if "run_id" in given else
+                  f"{source['run_id']}-refit", epochs=max(1, round(source["epoch"] * scale)),
+                  lr_step=max(1, round(merged["lr_step"] * scale)), warmup_epochs=merged["warmup_epochs"] * scale,
+                  head_epochs=min(round(merged["head_epochs"] * scale), max(round(source["epoch"] * scale) - 1, 0)))
+    log(f"refit of run {source['run_id']} (best epoch {source['epoch']}): {merged['epochs']} epochs on "
+        f"train + validation, its thresholds kept")
+    return merged
 
 
 def check_resume(resume, cfg, dirs):
@@ -2370,6 +2401,7 @@ def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume):
     writer = make_writer(dirs["runs"], purge_step=start_epoch if resume else None)
     stop = StopFlag().install()
     epoch, best_seen, features = start_epoch, None, None
+    refit = load_checkpoint(cfg["refit_from"]) if cfg["refit_from"] else None
 
     def save_interrupted(step, carry_now):
         save_checkpoint(last_path, checkpoint_state(model, optimizer, scheduler, cfg, run_id, epoch, step,
@@ -2390,17 +2422,21 @@ def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume):
                     stop, save_interrupted, scheduler=scheduler, criterion=criterion, ema=ema, repeat=repeat,
                     head_only=head_only, features=on_features, scaler=scaler)
                 t_val = time.time()
-                val_loss, probs, report, use_ema = evaluate_both(net, ema, images, data.labels, val_idx, device,
-                                                                 cfg, taus, on_features)
+                if refit:                       # nothing left to validate on: the source run's figures stand
+                    val_loss, probs, report, use_ema = float("nan"), None, None, refit["weights_source"] == "ema"
+                else:
+                    val_loss, probs, report, use_ema = evaluate_both(net, ema, images, data.labels, val_idx,
+                                                                     device, cfg, taus, on_features)
             except torch.cuda.OutOfMemoryError:
                 raise UserError(f"CUDA ran out of memory at batch size {cfg['batch_size']}: try "
                                 f"--batch-size {max(cfg['batch_size'] // 2, 1)}"
                                 + (" or --no-data-on-gpu" if isinstance(images, torch.Tensor) else "")) from None
             row = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "val_loss": val_loss,
-                   **scalar_metrics(report), "ema": int(use_ema), "images_per_s": seen / max(seconds, 1e-9),
+                   **(scalar_metrics(report) if report else dict.fromkeys(METRIC_COLUMNS[4:12], float("nan"))),
+                   "ema": int(use_ema), "images_per_s": seen / max(seconds, 1e-9),
                    "epoch_s": seconds + time.time() - t_val}
             rows.append(row)
-            if report["best"]["f1"] > best:
+            if report and report["best"]["f1"] > best:
                 best = report["best"]["f1"]
                 save_checkpoint(best_path, checkpoint_state(model, optimizer, scheduler, cfg, run_id, epoch, 0, best,
                                                             report, None, ema, use_ema, training=False))
@@ -2417,6 +2453,10 @@ def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume):
             write_metrics_csv(metrics_path, rows)
             log_tensorboard(writer, epoch, row, report)
             log(epoch_line(epoch, cfg["epochs"], row))
+        if refit:
+            save_refit(best_path, refit, checkpoint_state(model, optimizer, scheduler, cfg, run_id, epoch, 0, best,
+                                                          None, None, ema, use_ema, refit["thresholds"],
+                                                          training=False), log)
         calibration = finish_thresholds(best_path, dirs["output"], cfg, taus, log)
         if best_seen is not None:
             b_epoch, b_report, b_probs = best_seen
@@ -2438,6 +2478,17 @@ def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume):
     return {"run_id": run_id, "best_score": best, "best_path": best_path, "last_path": last_path,
             "threshold": best_state["threshold"] if best_state else 0.5, "dirs": dirs,
             "thresholds": best_state["thresholds"] if best_state else {}}
+
+
+def save_refit(path, source, state, log):
+    """The refit's export checkpoint: its final weights with the source run's thresholds and
+    validation figures, marked as a refit (those figures were measured on images it trained on
+    since, so none is re-measured)."""
+    state.update(val_metrics=source["val_metrics"], best_score=source["best_score"],
+                 refit={"source_run": source["run_id"], "source_epoch": source["epoch"], "epochs": state["epoch"]})
+    save_checkpoint(path, state)
+    log(f"refit: {path} (thresholds and validation F1 {source['val_metrics'].get('f1', float('nan')):.4f} "
+        f"of run {source['run_id']})")
 
 
 def restore_training(resume, cfg, optimizer, scheduler, ema, scaler, steps_per_epoch, best_path, log):
