@@ -271,8 +271,8 @@ def validate_options(cfg, ranges, choices=None):
             raise UserError(f"--{key.replace('_', '-')} {cfg[key]!r} is not one of: {', '.join(map(str, allowed))}")
     if "threshold_min" in cfg and cfg["threshold_min"] >= cfg["threshold_max"]:
         raise UserError(f"--threshold-min {cfg['threshold_min']} must be below --threshold-max {cfg['threshold_max']}")
-    if "run_id" in cfg and cfg["run_id"] and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", cfg["run_id"]):
-        raise UserError(f"--run-id {cfg['run_id']!r}: use letters, digits, '.', '_' and '-' only "
+    if "run_id" in cfg and cfg["run_id"] and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}", cfg["run_id"]):
+        raise UserError(f"--run-id {cfg['run_id']!r}: use letters, digits, '.', '_', '+' and '-' only "
                         f"(it becomes a folder name)")
     if "device" in cfg:
         check_device_name(cfg["device"])
