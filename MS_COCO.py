@@ -754,6 +754,12 @@ class BatchPrefetcher:
             flat = torch.as_tensor(np.concatenate(index_batches), device=images.device)
             self.batches = list(torch.split(flat, [len(b) for b in index_batches]))
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" and not self.on_device else None
+        if self.stream is not None and index_batches:   # a ring of pinned buffers, gathered into directly
+            most = max(len(b) for b in index_batches)
+            self.pinned = [torch.empty((most,) + tuple(images.shape[1:]), dtype=torch.uint8).pin_memory()
+                           for _ in range(depth + 2)]
+            self.copied = [None] * len(self.pinned)     # the event of each buffer's last copy
+            self.taken = 0
         self.queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._fill, daemon=True)
@@ -762,15 +768,21 @@ class BatchPrefetcher:
     def _take(self, idx):
         if self.on_device:
             return self.images.index_select(0, idx), self.labels.index_select(0, idx).float(), None
-        x = torch.from_numpy(np.ascontiguousarray(self.images[idx]))
         y = torch.from_numpy(np.asarray(self.labels[idx], np.float32))
         if self.stream is None:
-            return x, y, None
+            return torch.from_numpy(np.ascontiguousarray(self.images[idx])), y, None
+        slot = self.taken % len(self.pinned)
+        self.taken += 1
+        if self.copied[slot] is not None:               # the buffer's previous copy must be done
+            self.copied[slot].synchronize()
+        buf = self.pinned[slot][:len(idx)]
+        np.take(self.images, idx, axis=0, out=buf.numpy())   # one copy: cache -> pinned memory
         with torch.cuda.stream(self.stream):
-            x = x.pin_memory().to(self.device, non_blocking=True)
+            x = buf.to(self.device, non_blocking=True)
             y = y.pin_memory().to(self.device, non_blocking=True)
             done = torch.cuda.Event()
             done.record(self.stream)
+        self.copied[slot] = done
         return x, y, done
 
     def _fill(self):

@@ -3,6 +3,7 @@
     python ablation.py                                  # demo dataset (built if absent), CPU, 3 seeds
     python ablation.py --data-dir ms-coco --image-size 224 --batch-size 256 --epochs 12 --device cuda
     python ablation.py --variants default,asl,strong --seeds 0,1,2,3,4
+    python ablation.py --preset real                    # ImageNet EfficientNet-Lite0 on ../shared/coco-sample, CPU
 
 Every variant trains with MS_COCO.train on the same data, size, batch and epoch budget, once
 per seed (the seed also draws the validation split), and is scored on validation only: the
@@ -209,6 +210,10 @@ def main(argv=None):
     text = table([r for r in runs if r["variant"] in wanted], args)
     M.atomic_write_text(out_dir / "table.md", text)
     print(text)
+    if args["preset"] == "real":
+        print("The same comparison on full COCO with a GPU (validation only; no test labels there):\n"
+              "  python ablation.py --preset real --data-dir ms-coco --cache-dir '' --device cuda "
+              "--batch-size 256 --out-dir outputs/ablation-coco")
     return runs
 
 
