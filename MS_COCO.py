@@ -575,18 +575,22 @@ def open_cache(cache_dir, tag, key):
         return None, None
 
 
+STALE_TEMP_S = 3600    # a cache temp file untouched this long is a killed launch's, not a concurrent build
+
+
 def build_cache(cache_dir, tag, key, paths, stems, labels, size, threads):
     """Decode once into <cache_dir>/<tag>.npy (written beside, then renamed) and an index
     with stems, labels, unreadable files and a fingerprint of the sources. The temporary file
     (as large as the cache) is removed on any failure or Ctrl-C, and stale ones of this cache,
-    left by a killed launch, before starting."""
+    left by a killed launch (untouched for STALE_TEMP_S), before starting."""
     cache_dir = Path(cache_dir)
     npy = cache_dir / f"{tag}.npy"
     tmp = cache_dir / f".{tag}.{os.getpid()}.tmp.npy"
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         for stale in cache_dir.glob(f".{tag}.*.tmp.npy"):
-            stale.unlink(missing_ok=True)
+            if time.time() - stale.stat().st_mtime > STALE_TEMP_S:   # not a concurrent launch's build
+                stale.unlink(missing_ok=True)
         arr = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(paths), 3, size, size))
         arr, bad = decode_all(paths, size, out=arr, threads=threads, desc=f"cache {tag}")
         arr.flush()

@@ -170,13 +170,16 @@ def test_ctrl_c_during_the_cache_build_leaves_no_temp(tmp_path, tiny_source, mon
     cache.mkdir()
     stale = cache / ".train_32.99999.tmp.npy"                  # left by a killed launch
     stale.write_bytes(b"x" * 1000)
+    os.utime(stale, (0, 0))                                     # untouched for long: not a live build
+    live = cache / ".train_32.88888.tmp.npy"                   # another launch building right now
+    live.write_bytes(b"y")
 
     def interrupted(paths, size, out=None, **kwargs):
         out[:2] = 1
         raise KeyboardInterrupt
     monkeypatch.setattr(M, "decode_all", interrupted)
     run_main(capsys, tiny_argv(tmp_path, tiny_source), code=130)
-    assert list(cache.iterdir()) == [] and written(tmp_path) == []
+    assert list(cache.iterdir()) == [live] and written(tmp_path) == []
 
 
 # ------------------------------------------- 8. every stop leaves a usable run
