@@ -94,7 +94,7 @@ CLASS_BALANCE = "none"          # none | pos_weight (rare classes' positives wei
 SAMPLING_THRESHOLD = 0.05       # sampling: images of classes rarer than this share are repeated sqrt(t/f) times
 EMA_DECAY = 0.0                 # moving average of the weights per step (0 = off, e.g. 0.998); the better of EMA/raw is kept
 TTA = False                     # also score the horizontally flipped image, at validation and export
-THRESHOLDS = "global"           # global | per_class | global+top1 | per_class+top1 | auto (best held-out option); readme: Accuracy
+THRESHOLDS = "per_class"        # per_class (CV-shrunk toward tau*) | global | global+top1 | per_class+top1 | auto; readme: Accuracy
 RECIPE = "default"              # default (the product recipe above) | strong (RECIPES below; given options win)
 REPORTS = True                  # PNG reports of the best epoch in outputs/<run_id>/ and TensorBoard
 VAL_FRACTION = 0.15             # share of the labelled images held out for validation

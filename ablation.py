@@ -71,7 +71,8 @@ BUDGET_KEYS = ("epochs", "lr_step", "image_size", "batch_size", "freeze")   # op
 PROBE = dict(freeze="backbone", crop_scale_min=1.0, hflip=False, head_bias_prior=False, lr=1e-3, epochs=15)
 REAL = dict(data_dir="../shared/coco-sample/ms-coco", cache_dir="cache/coco-sample", arch="efficientnet_lite0", weights="imagenet",
             image_size=224, batch_size=32, epochs=5, lr=1e-3, lr_step=30,
-            variants="probe,probe+bias,probe+bias+asl,probe+bias+asl+sampling,finetune,finetune-crop0.5,default-128")
+            variants="probe,probe+bias,probe+bias+asl,probe+bias+asl+sampling,finetune,finetune-crop0.5,default-128,"
+                     "default-128-5ep")
 VARIANT_OPTIONS.update({
     "probe": PROBE,                                            # linear head, BCE, Adam: the reference point
     "probe+bias": dict(PROBE, head_bias_prior=True),
@@ -80,8 +81,9 @@ VARIANT_OPTIONS.update({
     # the finetune recipe: 3 head epochs on features, then 2 of the last two stages + head at 224 px
     "finetune": dict(recipe="finetune", freeze="partial", epochs=5),
     "finetune-crop0.5": dict(recipe="finetune", freeze="partial", epochs=5, crop_scale_min=0.5),
-    # the product recipe (Adam 1e-3, whole network, crop 0.5) in the same wall time: 128 px, 2 epochs
+    # the product recipe (Adam 1e-3, whole network, crop 0.5) at 128 px: 2 epochs ...
     "default-128": dict(image_size=128, epochs=2),
+    "default-128-5ep": dict(image_size=128, epochs=5),        # ... and at the finetune runs' wall time
 })
 
 
