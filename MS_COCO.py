@@ -1,6 +1,6 @@
 """Train a multi-label classifier for the MS-COCO challenge (80 classes).
 
-    python MS_COCO.py --demo             # no data, no download: builds demo-data/, trains ~2.5 min on CPU, exports
+    python MS_COCO.py --demo             # no data, no download: builds demo-data/, trains ~2 min on CPU, exports
     python MS_COCO.py                    # the real run on ms-coco/ (ResNet-18, ImageNet, 100 epochs)
     python MS_COCO.py --help             # every constant below, overridable as --name-with-dashes
     python MS_COCO.py --resume checkpoints/<run_id>/last.pth
@@ -171,7 +171,7 @@ RECIPES = {
     ),
 }
 
-# The demo's recipe: small images and no download, so it fits ~2.5 minutes on 2 CPU cores.
+# The demo's recipe: small images and no download, so it fits ~2 minutes on 2 CPU cores.
 DEMO_OVERRIDES = dict(weights="none", image_size=64, epochs=20, batch_size=64, lr=2e-3,
                       lr_step=14, device="cpu", crop_scale_min=0.6, keep_epochs=1)
 
