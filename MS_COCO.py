@@ -192,8 +192,8 @@ RANGES = {
     "lr_step": ">= 1", "lr_gamma": "(0, 1]", "warmup_epochs": ">= 0", "weight_decay": ">= 0",
     "momentum": "[0, 1)", "crop_scale_min": "(0, 1]", "cutout": "[0, 1)", "asl_gamma_neg": ">= 0",
     "asl_gamma_pos": ">= 0", "asl_clip": "[0, 1)", "focal_gamma": ">= 0", "sampling_threshold": "(0, 1]",
-    "ema_decay": "[0, 1)", "head_epochs": ">= 0", "backbone_lr_scale": ">= 0", "val_fraction": "(0, 1)", "seed": ">= 0", "threshold_min": "(0, 1)",
-    "threshold_max": "(0, 1)", "threshold_step": "(0, 1)", "loader_threads": ">= 0", "max_images": ">= 0",
+    "ema_decay": "[0, 1)", "head_epochs": ">= 0", "backbone_lr_scale": ">= 0", "val_fraction": "(0, 1)",
+    "seed": ">= 0", "threshold_min": "(0, 1)", "threshold_max": "(0, 1)", "threshold_step": "(0, 1)", "loader_threads": ">= 0", "max_images": ">= 0",
     "max_bad_fraction": "[0, 1]", "max_bad_steps": ">= 1", "keep_epochs": ">= -1",
 }
 
@@ -238,10 +238,13 @@ def build_parser(module, description):
     return parser
 
 
-def parse_options(module, description, argv=None):
+def parse_options(module, description, argv=None, add_arguments=None):
     """(config, given): every constant of module, overridden by the command line, and the set
-    of keys that were on it."""
-    given = vars(build_parser(module, description).parse_args(argv))
+    of keys that were on it. add_arguments(parser) adds options that are not constants."""
+    parser = build_parser(module, description)
+    if add_arguments:
+        add_arguments(parser)
+    given = vars(parser.parse_args(argv))
     cfg = {k: v for k, (v, _) in module_constants(module).items()}
     cfg.update(given)
     validate_options(cfg, getattr(module, "RANGES", {}), getattr(module, "CHOICES", {}))
@@ -1475,21 +1478,19 @@ class EMA:
         self.module = copy.deepcopy(unwrap(model)).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
-        self.decay, self.n = decay, 0
-
-    def _pairs(self, model):
-        mine, theirs = self.module.state_dict(), unwrap(model).state_dict()
-        floats = [k for k, v in mine.items() if v.is_floating_point()]
-        return floats, [mine[k] for k in floats], [theirs[k].detach() for k in floats], mine, theirs
+        self.decay, self.n, self.pairs = decay, 0, None
 
     @torch.no_grad()
     def update_parameters(self, model):
+        if self.pairs is None:      # state_dict tensors share storage: collected once, not per step
+            mine, theirs = self.module.state_dict(), unwrap(model).state_dict()
+            self.pairs = {kind: ([mine[k] for k in mine if mine[k].is_floating_point() == kind],
+                                 [theirs[k].detach() for k in mine if mine[k].is_floating_point() == kind])
+                          for kind in (True, False)}
         d = min(self.decay, (1 + self.n) / (10 + self.n))
-        floats, ema_t, model_t, mine, theirs = self._pairs(model)
-        torch._foreach_lerp_(ema_t, model_t, 1 - d)
-        for k, v in mine.items():                       # integer buffers (BatchNorm's batch count)
-            if not v.is_floating_point():
-                v.copy_(theirs[k])
+        torch._foreach_lerp_(*self.pairs[True], 1 - d)
+        for ema_t, model_t in zip(*self.pairs[False]):  # integer buffers (BatchNorm's batch count)
+            ema_t.copy_(model_t)
         self.n += 1
 
     def state_dict(self):
@@ -1661,6 +1662,13 @@ def make_scaler(device, cfg):
     return torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2 ** 30, backoff_factor=1 - 1e-6)
 
 
+def gather_rows(images_u8, idx):
+    """The uint8 images of the given rows as a tensor, from a device tensor, an array or a memmap."""
+    if isinstance(images_u8, torch.Tensor):
+        return images_u8.index_select(0, torch.as_tensor(idx, device=images_u8.device))
+    return torch.from_numpy(np.ascontiguousarray(images_u8[idx]))
+
+
 @torch.no_grad()
 def predict(model, images_u8, device, batch_size=512, amp=True, channels_last=True, mean=IMAGENET_MEAN,
             std=IMAGENET_STD, rows=None, desc="predict", tta=False):
@@ -1670,12 +1678,7 @@ def predict(model, images_u8, device, batch_size=512, amp=True, channels_last=Tr
     rows = np.arange(len(images_u8)) if rows is None else np.asarray(rows)
     out = []
     for i in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", disable=None, leave=False):
-        idx = rows[i:i + batch_size]
-        if isinstance(images_u8, torch.Tensor):
-            x8 = images_u8.index_select(0, torch.as_tensor(idx, device=images_u8.device))
-        else:
-            x8 = torch.from_numpy(np.ascontiguousarray(images_u8[idx]))
-        x = eval_transform(x8.to(device, non_blocking=True), mean, std)
+        x = eval_transform(gather_rows(images_u8, rows[i:i + batch_size]).to(device, non_blocking=True), mean, std)
         if device.type == "cuda" and channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):
@@ -1701,11 +1704,7 @@ def backbone_features(model, images_u8, device, cfg, rows):
         for i in tqdm(range(0, len(rows), 2 * cfg["batch_size"]), desc="features", unit="batch", disable=None,
                       leave=False):
             idx = rows[i:i + 2 * cfg["batch_size"]]
-            if isinstance(images_u8, torch.Tensor):
-                x8 = images_u8.index_select(0, torch.as_tensor(idx, device=images_u8.device))
-            else:
-                x8 = torch.from_numpy(np.ascontiguousarray(images_u8[idx]))
-            x = eval_transform(x8.to(device), mean, std)
+            x = eval_transform(gather_rows(images_u8, idx).to(device), mean, std)
             with autocast(device, cfg["amp"]):
                 f = model(x).float().cpu().numpy()
             if out is None:
@@ -2286,12 +2285,13 @@ def train(cfg, log=print, given=None):
     if resume and "optimizer" not in resume:
         raise UserError(f"{cfg['resume']} holds the weights to export, not the training state: resume from "
                         f"last.pth (or an epoch_NNN.pth) in the same folder")
-    source = None
-    if cfg["refit_from"] and not resume:
-        source = load_checkpoint(cfg["refit_from"])
+    source = load_checkpoint(cfg["refit_from"]) if cfg["refit_from"] and not resume else None
+    if source:
         cfg.update(refit_settings(cfg, given_keys(cfg, given), source, log))
     else:
         cfg.update(merge_settings(cfg, given_keys(cfg, given), resume["config"] if resume else None, log))
+        if cfg["refit_from"]:                   # a resumed refit: its thresholds still come from the source
+            source = load_checkpoint(cfg["refit_from"])
     run_id = resume["run_id"] if resume else (cfg["run_id"] or new_run_id())
     cfg["run_id"] = run_id
     dirs = run_dirs(cfg, run_id)
@@ -2331,7 +2331,7 @@ def train(cfg, log=print, given=None):
         if not resume:
             save_split(split_path, data, train_idx, val_idx, cfg)
         atomic_write_text(dirs["output"] / "config.json", json.dumps(cfg, indent=2))
-        return fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume)
+        return fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume, source)
     except (Exception, KeyboardInterrupt) as exc:
         if resume or last_path.is_file():
             if isinstance(exc, KeyboardInterrupt):
@@ -2380,9 +2380,10 @@ def rebase_schedule(optimizer, scheduler, cfg, step, steps_per_epoch):
         g["lr"] = base * lr_factor(cfg, step, steps_per_epoch)
 
 
-def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume):
+def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume, refit=None):
     """The epochs of a run whose folders are claimed: train, validate, save, log; the
-    thresholds are calibrated once, at the end, on the best epoch's validation scores."""
+    thresholds are calibrated once, at the end, on the best epoch's validation scores. With
+    refit (the source run's checkpoint) nothing is validated and its thresholds are kept."""
     run_id = cfg["run_id"]
     log(f"run {run_id}: {len(train_idx)} train / {len(val_idx)} val images, {cfg['arch']} "
         f"({cfg['weights']}) at {cfg['image_size']}px on {device}, batch {cfg['batch_size']}, {cfg['epochs']} epochs"
@@ -2424,7 +2425,6 @@ def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume):
     writer = make_writer(dirs["runs"], purge_step=start_epoch if resume else None)
     stop = StopFlag().install()
     epoch, best_seen, features = start_epoch, None, None
-    refit = load_checkpoint(cfg["refit_from"]) if cfg["refit_from"] else None
 
     def save_interrupted(step, carry_now):
         save_checkpoint(last_path, checkpoint_state(model, optimizer, scheduler, cfg, run_id, epoch, step,

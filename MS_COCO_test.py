@@ -428,9 +428,7 @@ def describe_threshold(state):
     return text + (", at least one label per image" if state.get("min_one_label") else "")
 
 
-def parse_config(argv=None):
-    module = sys.modules[__name__]
-    parser = M.build_parser(module, "Write predictions.json from a trained checkpoint, or an ensemble of several.")
+def add_export_arguments(parser):
     parser.add_argument("--ckpt-path", "--ckpt", dest="ckpt_path", nargs="+", default=[], metavar="CKPT",
                         help="checkpoint file(s), or run id(s) meaning CHECKPOINT_DIR/<id>/best_model.pth; several "
                              "are an ensemble: their probabilities are averaged and thresholds fitted on the "
@@ -439,10 +437,11 @@ def parse_config(argv=None):
                         help="also score the mirrored images (default: as each checkpoint was trained)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="bf16 autocast on CUDA, ignored on CPU (default: as each checkpoint was trained)")
-    given = vars(parser.parse_args(argv))
-    cfg = {k: v for k, (v, _) in M.module_constants(module).items()}
-    cfg.update(given)
-    M.validate_options(cfg, RANGES, CHOICES)
+
+
+def parse_config(argv=None):
+    cfg = M.parse_options(sys.modules[__name__], "Write predictions.json from a trained checkpoint, or an "
+                          "ensemble of several.", argv, add_export_arguments)[0]
     if cfg["threshold_value"] and cfg["thresholds"].startswith("per_class"):
         raise M.UserError(f"--threshold-value is one global threshold: it cannot be --thresholds {cfg['thresholds']} "
                           f"(use global or global+top1)")
