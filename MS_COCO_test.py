@@ -43,17 +43,17 @@ PREDICTIONS = ""                            # score this existing JSON against -
 BATCH_SIZE = 256                            # images per forward pass
 DEVICE = "auto"                             # auto (cuda when present) | cpu | cuda | cuda:N | mps
 LOADER_THREADS = 0                          # decode threads (0 = one per core)
-THRESHOLDS = ""                             # "" = the checkpoint's choice | global | per_class | global+top1 | per_class+top1 (ensembles refit it)
+THRESHOLDS = ""                             # "" = the checkpoint's choice | global | per_class (ensembles refit it)
 ENSEMBLE_WEIGHTS = ""                       # one weight per --ckpt, e.g. "0.5,0.3,0.2" ("" = equal; 0 leaves a run out)
 THRESHOLD_VALUE = 0.0                       # fixed global threshold in (0, 1) instead of fitted ones (0 = unused); needed when ensembled runs have different validation splits
 # --threshold-value exists because an ensemble of runs with different splits has no validation
 # images that none of its models trained on: no threshold can be fitted honestly, so the user
-# names one (with --thresholds global+top1 each image also keeps its top class).
+# names one.
 # --ckpt/--ckpt-path (several values), --tta/--no-tta and --amp/--no-amp are added in
 # parse_config: a list and two "follow each checkpoint unless forced" switches are not constants.
 
 CHOICES = {"thresholds": ("",) + M.THRESHOLD_OPTIONS}
-RANGES = {"batch_size": ">= 1", "loader_threads": ">= 0", "threshold_value": "[0, 1)"}
+RANGES = {"batch_size": "[1, 65536]", "loader_threads": "[0, 4096]", "threshold_value": "[0, 1)"}
 # What a checkpoint holds besides its description: an ensemble keeps only the description of
 # each run and loads the weights again when that model's turn comes (one model in memory).
 WEIGHT_KEYS = ("model", "raw_model", "ema", "optimizer", "scheduler", "torch_rng", "metrics")
@@ -166,8 +166,13 @@ def write_predictions(path, preds, stems):
 
 
 def read_predictions(path):
+    def one_value_per_key(pairs):       # json keeps the last of a repeated key without a word
+        twice = [k for k, n in Counter(k for k, _ in pairs).items() if n > 1]
+        if twice:
+            raise M.UserError(f"{path}: key {twice[0]!r} appears more than once: each image must be one key")
+        return dict(pairs)
     try:
-        preds = json.loads(Path(path).read_text(encoding="utf-8"))
+        preds = json.loads(Path(path).read_text(encoding="utf-8"), object_pairs_hook=one_value_per_key)
     except (OSError, ValueError) as exc:
         raise M.UserError(f"cannot read predictions {path}: {exc}") from None
     if not isinstance(preds, dict):
@@ -362,14 +367,13 @@ def calibrate_ensemble(members, weights, cfg):
 
 
 def export_thresholds(members, weights, cfg):
-    """{"threshold", "min_one_label"} to apply: --threshold-value when given, a single
+    """{"threshold": the threshold(s) to apply}: --threshold-value when given, a single
     checkpoint's own (or another stored option), an ensemble's fitted anew."""
     if cfg["threshold_value"]:
-        return {"threshold": cfg["threshold_value"], "min_one_label": cfg["thresholds"] == "global+top1"}
+        return {"threshold": cfg["threshold_value"]}
     if len(members) == 1:
         return choose_thresholds(members[0], cfg["thresholds"])
-    cal = calibrate_ensemble(members, weights, cfg)
-    return {"threshold": cal["threshold"], "min_one_label": cal["min_one"]}
+    return calibrate_ensemble(members, weights, cfg)
 
 
 def describe_member(m, weight=None):
@@ -398,8 +402,7 @@ def export(cfg):
     if (~finite).sum() > sum(np.isnan(probs).all(1)):
         print(f"warning: {int((~finite).sum())} image(s) got non-finite scores; they get an empty prediction",
               file=sys.stderr)
-    pred = M.apply_thresholds(np.where(finite[:, None], probs, 0.0), chosen["threshold"],
-                              chosen["min_one_label"]) & finite[:, None]
+    pred = M.binarize(probs, chosen["threshold"]) & finite[:, None]
     preds = predictions_dict(stems, pred)
     write_predictions(cfg["out"], preds, stems)
     per_image = pred.sum(1)
@@ -418,14 +421,13 @@ def choose_thresholds(state, option):
     cal = state.get("thresholds") or {}
     if "global_tau" not in cal or "per_class" not in cal:
         raise M.UserError("this checkpoint stores only its chosen threshold; leave --thresholds empty")
-    th, min_one = M.option_thresholds(option, float(cal["global_tau"]), [float(t) for t in cal["per_class"]])
-    return {**state, "threshold": th, "min_one_label": min_one}
+    return {**state, "threshold": M.option_thresholds(option, float(cal["global_tau"]),
+                                                      [float(t) for t in cal["per_class"]])}
 
 
 def describe_threshold(state):
     th = state["threshold"]
-    text = f"per class, {min(th):.2f}-{max(th):.2f}" if np.ndim(th) else f"global {th:.2f}"
-    return text + (", at least one label per image" if state.get("min_one_label") else "")
+    return f"per class, {min(th):.2f}-{max(th):.2f}" if np.ndim(th) else f"global {th:.2f}"
 
 
 def add_export_arguments(parser):
@@ -442,9 +444,8 @@ def add_export_arguments(parser):
 def parse_config(argv=None):
     cfg = M.parse_options(sys.modules[__name__], "Write predictions.json from a trained checkpoint, or an "
                           "ensemble of several.", argv, add_export_arguments)[0]
-    if cfg["threshold_value"] and cfg["thresholds"].startswith("per_class"):
-        raise M.UserError(f"--threshold-value is one global threshold: it cannot be --thresholds {cfg['thresholds']} "
-                          f"(use global or global+top1)")
+    if cfg["threshold_value"] and cfg["thresholds"] == "per_class":
+        raise M.UserError("--threshold-value is one global threshold: it cannot be --thresholds per_class")
     return cfg
 
 

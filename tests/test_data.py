@@ -230,17 +230,24 @@ def test_crops_and_flips_stay_inside_the_image():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_augmentation_matches_cpu():
+    """CUDA only: the same batches in the same order on the GPU as on the CPU (both data paths),
+    and the same crop and flip, drawn on the GPU, give the same pixels there as on the CPU."""
     images = index_images(32)
     labels = np.eye(80, dtype=np.uint8)[np.arange(32)]
     dev = torch.device("cuda")
-    gpu_images, gpu_labels = torch.from_numpy(images).to(dev), torch.from_numpy(labels).to(dev)
     batches = M.epoch_batches(np.arange(32), 8, 0, 1)
-    for (xc, yc), (xg, yg) in zip(M.BatchPrefetcher(images, labels, batches, torch.device("cpu")),
-                                  M.BatchPrefetcher(gpu_images, gpu_labels, batches, dev)):
-        order_c, order_g = yc.argmax(1), yg.argmax(1).cpu()
-        assert sorted(order_c.tolist()) == sorted(order_g.tolist())
-        a = M.augment_batch(xg, torch.Generator().manual_seed(0))
-        assert a.device.type == "cuda" and a.shape == (8, 3, 16, 16)
+    on_gpu = M.BatchPrefetcher(torch.from_numpy(images).to(dev), torch.from_numpy(labels).to(dev), batches, dev)
+    pinned = M.BatchPrefetcher(images, labels, batches, dev)
+    for (xc, yc), (xg, yg), (xh, yh) in zip(M.BatchPrefetcher(images, labels, batches, torch.device("cpu")),
+                                            on_gpu, pinned):
+        assert torch.equal(xc, xg.cpu()) and torch.equal(xc, xh.cpu()) and torch.equal(yc, yh.cpu())
+        g = torch.Generator(device=dev).manual_seed(0)
+        theta = M.crop_flip_theta(len(xg), g, 0.5, True, dev)
+        warped_gpu = M.warp(xg.float() / 255, theta)
+        warped_cpu = M.warp(xc.float() / 255, theta.cpu())
+        torch.testing.assert_close(warped_gpu.cpu(), warped_cpu, atol=1e-4, rtol=0)
+        x = M.augment_batch(xg, torch.Generator(device=dev).manual_seed(1))
+        assert x.device.type == "cuda" and x.dtype == torch.float32 and torch.isfinite(x).all()
 
 
 def test_a_lone_last_image_joins_the_previous_batch():

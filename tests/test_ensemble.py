@@ -100,7 +100,7 @@ def test_bad_weights_are_refused_before_loading(weights, runs, test_dir, tmp_pat
 
 
 # ----------------------------------------------------------------- thresholds
-@pytest.mark.parametrize("option", ["", "per_class+top1"])
+@pytest.mark.parametrize("option", ["", "global"])
 def test_ensemble_thresholds_are_refit_on_the_shared_validation(option, runs, test_dir, single, tmp_path, capsys):
     labels, val = averaged_val_scores(runs, ["a", "b"], [0.5, 0.5])
     run = M.load_checkpoint(ckpt(runs, "a"))["config"]
@@ -108,7 +108,7 @@ def test_ensemble_thresholds_are_refit_on_the_shared_validation(option, runs, te
     expected = M.calibrate_thresholds(labels, val, taus, option or run["thresholds"], seed=run["seed"])
     more = ["--thresholds", option] if option else []
     preds = export(runs, test_dir, tmp_path / "p.json", "a", str(ckpt(runs, "b")), more=more)   # id and file
-    pred = M.apply_thresholds(mean_of(single, "a", "b"), expected["threshold"], expected["min_one"])
+    pred = M.binarize(mean_of(single, "a", "b"), expected["threshold"])
     assert preds == T.predictions_dict(single["a"][0], pred)
     out = capsys.readouterr().out
     for run_id in ("a", "b"):          # each member re-estimated by the same calibration, on its own scores

