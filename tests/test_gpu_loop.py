@@ -208,3 +208,16 @@ def test_validation_out_of_memory_retries_outside_the_traceback_and_remembers(tm
         M.evaluate(None, None, labels, np.arange(10), torch.device("cpu"), cfg)
     assert tried == [16, 8, 4, 4], tried
     assert freed_inside_except == [False, False]
+
+
+def test_compile_drops_the_last_partial_batch_and_the_schedule_counts_it(tiny_data, tmp_path):
+    """--compile trains on full batches only (one shape); the schedule must count the steps
+    actually taken, or the cosine never reaches its end and a resume drifts by a step an epoch.
+    The batch cutting is the same on every device, so the CPU shows it."""
+    cfg = tiny_config(tmp_path, tiny_data, compile=True, schedule="cosine", epochs=2, batch_size=5)
+    summary = M.train(cfg, log=lambda *a: None)
+    state = torch.load(summary["last_path"], weights_only=True)
+    import json
+    n_train = len(json.loads((tmp_path / "outputs" / "t" / "split.json").read_text())["train"])
+    assert n_train % 5 > 1                          # a partial last batch, dropped under --compile
+    assert max(g["lr"] for g in state["optimizer"]["param_groups"]) == pytest.approx(0.0, abs=1e-9)
