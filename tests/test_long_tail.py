@@ -124,7 +124,7 @@ def test_learning_rate_schedules():
     assert cos[0] == pytest.approx(0.05) and cos[19] == pytest.approx(1.0) and cos[20] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(cos[20:], cos[21:])) and cos[-1] < 1e-4
     head = [lrs[-1] for lrs in lr_steps(dict(cfg, schedule="cosine", head_epochs=3, warmup_epochs=1.0), spe, 50)[0]]
-    assert head[:30] == pytest.approx([1.0] * 30) and head[30] == pytest.approx(0.1) and head[39] == pytest.approx(1)
+    assert head[0] == pytest.approx(0.1) and head[9] == pytest.approx(1)   # the head epochs take no scheduled step
     with pytest.raises(M.UserError, match="--schedule"):
         M.build_scheduler(dict(cfg, schedule="linear"), M.build_optimizer(cfg, two_layers()), spe)
 
