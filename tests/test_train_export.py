@@ -149,11 +149,10 @@ def test_resume_alone_keeps_the_runs_own_epochs(tmp_path, tiny_source, capsys):
 # ------------------------------------------------------------ ImageNet weights
 def test_imagenet_weights_load_offline_from_torch_home(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
-    weights = M.weights_enum("resnet18")
-    fname = weights.url.rsplit("/", 1)[-1]
+    import torchvision
+    fname = torchvision.models.ResNet18_Weights.DEFAULT.url.rsplit("/", 1)[-1]
     reference = M.build_model("resnet18", "none")
     state = {k: v for k, v in reference.state_dict().items()}
-    import torchvision
     full = torchvision.models.resnet18()                     # an ImageNet-shaped file (1000-way fc)
     full.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")}, strict=False)
     (tmp_path / "th" / "hub" / "checkpoints").mkdir(parents=True)
@@ -178,7 +177,8 @@ def test_missing_imagenet_weights_give_a_clear_message(tmp_path, monkeypatch, ca
         M.main(config_argv(cfg))
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    fname = M.weights_enum("resnet18").url.rsplit("/", 1)[-1]
+    import torchvision
+    fname = torchvision.models.ResNet18_Weights.DEFAULT.url.rsplit("/", 1)[-1]
     assert fname in err and "hub/checkpoints" in err and "--weights none" in err
     assert "Traceback" not in err
 
