@@ -7,11 +7,14 @@ Sections, top to bottom, and their main functions:
     augmentation   augment_batch (crop + flip on the device), BatchPrefetcher, PinnedRing
     model          build_model (torchvision or timm), stages / apply_freeze, init_head_bias
     metrics        challenge_scores, sweep_thresholds, calibrate_thresholds
-    training       build_optimizer, build_scheduler, losses, EMA, train_one_epoch, predict, evaluate
+    training       pick_device, build_optimizer, build_scheduler
+    losses         AsymmetricLoss, build_criterion, repeat_factors, EMA
+    loop           epoch_batches, train_one_epoch, predict, evaluate
     checkpoints    save_checkpoint (atomic), load_checkpoint (weights_only), checkpoint_state
     logging        metrics.csv, TensorBoard, the epoch line; reports (PNG figures)
     demo           make_demo_dataset, run_demo
-    main           train (claim the run, split) -> fit (the epochs) -> finish_thresholds; main
+    main           train (claim the run, split) -> fit (the epochs; train_head for the probe)
+                   -> finish_thresholds; main
 
     python MS_COCO.py --demo             # no data, no download: builds demo-data/, trains ~2 min on CPU, exports
     python MS_COCO.py                    # the real run on ms-coco/ (ResNet-18, ImageNet, 100 epochs)
@@ -27,8 +30,8 @@ there and cropped, flipped and normalised in one batched op. The step never wait
 device: random numbers are drawn there, losses summed there and read every CHECK_EVERY steps,
 non-finite steps skipped by the gradient scaler. The data path is the same lines on every
 device, so the CPU tests run the branch a GPU takes; only these are CUDA-only: PinnedRing
-(pinned buffers, side stream, record_stream), gpu_free_bytes and training_memory (allocator
-statistics), amp_dtype's fp16 choice, and the cudnn / channels_last / compile switches in fit.
+(pinned buffers, side stream, record_stream), place_images' free-memory check and
+training_memory (allocator statistics), amp_dtype's fp16 choice, and the cudnn / channels_last / compile switches in fit.
 
 Measured on 2 CPU cores (readme: Speed, Accuracy); no GPU figure has been measured yet.
 """
@@ -1245,6 +1248,7 @@ def build_ema(model, cfg):
     return EMA(model, cfg["ema_decay"]) if cfg["ema_decay"] else None
 
 
+# ---------------------------------------------------------------------- loop
 def step_seed(seed, epoch, step):
     """Seed for one optimisation step: a resumed run replays exactly the same batches."""
     return (seed * 1_000_003 + epoch * 10_007 + step) % (2 ** 63)
@@ -1327,6 +1331,7 @@ def train_one_epoch(model, optimizer, images, labels, rows, device, cfg, epoch, 
     batches = epoch_batches(rows, cfg["batch_size"], cfg["seed"], epoch, repeat, drop_last=cfg["compile"])
     loss_sum, seen, bad_run = (torch.tensor(float(v), device=device) for v in (carry or (0.0, 0, 0)))
     flags, last_read, bad_steps = [], start_step, int(bad_run)
+    mean_std = normalisation(cfg["arch"])           # looked up once: a timm name costs a registry lookup
     t0 = time.time()
     prefetch = BatchPrefetcher(images, labels, batches[start_step:], device)
     bar = tqdm(total=len(batches), initial=start_step, desc=f"epoch {epoch}", unit="batch", disable=None, leave=False)
@@ -1350,7 +1355,7 @@ def train_one_epoch(model, optimizer, images, labels, rows, device, cfg, epoch, 
             x = x8
             if features is None:
                 g = torch.Generator(device=x8.device).manual_seed(step_seed(cfg["seed"], epoch, step) + 1)
-                x = augment_batch(x8, g, cfg["crop_scale_min"], cfg["hflip"], *normalisation(cfg["arch"]))
+                x = augment_batch(x8, g, cfg["crop_scale_min"], cfg["hflip"], *mean_std)
                 if device.type == "cuda" and cfg["channels_last"]:
                     x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device, cfg["amp"]):
