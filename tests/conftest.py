@@ -1,5 +1,6 @@
 """Shared fixtures: tiny datasets generated on the fly and a fast CPU training config."""
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -60,3 +61,43 @@ def config_argv(cfg):
         else:
             argv += [flag, str(value)]
     return argv
+
+
+def tiny_argv(tmp_path, data, **overrides):
+    return config_argv(tiny_config(tmp_path, data, **overrides))
+
+
+@pytest.fixture(scope="session")
+def one_epoch_checkpoint(tmp_path_factory, tiny_source):
+    """best_model.pth of one 1-epoch tiny_config run (run id "t"), in <tmp>/checkpoints/t/, shared
+    by every module: tests may add runs beside it but must leave its own files as they found them."""
+    tmp = tmp_path_factory.mktemp("one-epoch")
+    MS_COCO.train(tiny_config(tmp, tiny_source, epochs=1), log=lambda *_: None)
+    return tmp / "checkpoints" / "t" / "best_model.pth"
+
+
+def run_main(capsys, argv, code=2, module=MS_COCO, one_line=True):
+    """module.main(argv) (MS_COCO or MS_COCO_test) expected to stop with exit code `code`, no
+    traceback, and one line on stderr (one_line=False: warnings may come before it); returns stderr."""
+    with pytest.raises(SystemExit) as exc:
+        module.main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == code, err
+    assert "Traceback" not in err and (not one_line or len(err.strip().splitlines()) == 1), err
+    assert code != 2 or "error: " in err, err
+    return err
+
+
+def snapshot(root):
+    """Every file below root with its bytes ({} when root does not exist)."""
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()} if root.exists() else {}
+
+
+def listing(folder):
+    """Every entry of a folder, hidden ones included (temporary files start with a dot)."""
+    return sorted(os.listdir(folder))
+
+
+def written(tmp_path):
+    """Everything a run wrote under the checkpoint, output and TensorBoard folders of tiny_config."""
+    return [p for name in ("checkpoints", "outputs", "runs") for p in (tmp_path / name).rglob("*")]

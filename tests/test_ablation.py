@@ -1,15 +1,11 @@
 """ablation.py on the tiny dataset: every run recorded, the table averaged over seeds, a rerun resumes."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import ablation  # noqa: E402
-import MS_COCO  # noqa: E402
+import ablation
+import MS_COCO
 
 
 def test_ablation_writes_runs_and_table_and_resumes(tmp_path, tiny_data, capsys):

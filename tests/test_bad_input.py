@@ -10,25 +10,11 @@ import torch.nn as nn
 
 import MS_COCO as M
 import MS_COCO_test as T
-from conftest import config_argv, tiny_config
-
-
-def run_main(capsys, argv, module=M):
-    """main(argv) expected to stop with exit code 2; returns its stderr."""
-    with pytest.raises(SystemExit) as exc:
-        module.main(argv)
-    err = capsys.readouterr().err
-    assert exc.value.code == 2, err
-    assert "Traceback" not in err and "error: " in err
-    return err
+from conftest import config_argv, run_main, snapshot, tiny_config
 
 
 def first(folder, pattern):
     return sorted(folder.glob(pattern))[0]
-
-
-def snapshot(root):
-    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()} if root.exists() else {}
 
 
 @pytest.fixture
@@ -127,13 +113,6 @@ def test_cuda_out_of_memory_suggests_a_smaller_batch(tmp_path, tiny_source, caps
 
 
 # ---------------------------------------------------------------- checkpoints
-@pytest.fixture(scope="module")
-def good_checkpoint(tmp_path_factory, tiny_source):
-    tmp = tmp_path_factory.mktemp("ck")
-    M.train(tiny_config(tmp, tiny_source, epochs=1), log=lambda *_: None)
-    return tmp / "checkpoints" / "t" / "best_model.pth"
-
-
 def bad_checkpoints(tmp_path, good):
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
@@ -145,18 +124,18 @@ def bad_checkpoints(tmp_path, good):
             (foreign, "not a checkpoint of this project"), (text, "cannot be read")]
 
 
-def test_bad_checkpoint_for_export_keeps_the_old_predictions(tmp_path, good_checkpoint, tiny_source, capsys):
+def test_bad_checkpoint_for_export_keeps_the_old_predictions(tmp_path, one_epoch_checkpoint, tiny_source, capsys):
     out = tmp_path / "predictions.json"
     out.write_text('{"old": []}\n')
-    for path, expected in bad_checkpoints(tmp_path, good_checkpoint):
+    for path, expected in bad_checkpoints(tmp_path, one_epoch_checkpoint):
         err = run_main(capsys, ["--ckpt", str(path), "--test-dir", str(tiny_source / "images" / "test-resized"),
                                 "--out", str(out)], module=T)
         assert str(path) in err and expected in err
         assert out.read_text() == '{"old": []}\n'
 
 
-def test_bad_checkpoint_for_resume(tmp_path, good_checkpoint, capsys):
-    for path, expected in bad_checkpoints(tmp_path, good_checkpoint):
+def test_bad_checkpoint_for_resume(tmp_path, one_epoch_checkpoint, capsys):
+    for path, expected in bad_checkpoints(tmp_path, one_epoch_checkpoint):
         err = run_main(capsys, ["--resume", str(path)])
         assert str(path) in err and expected in err
 
@@ -167,19 +146,19 @@ def test_export_without_any_run_says_what_to_do(tmp_path, capsys, monkeypatch):
     assert "train first" in err and "--ckpt" in err
 
 
-def test_missing_test_folder(tmp_path, good_checkpoint, capsys):
-    err = run_main(capsys, ["--ckpt", str(good_checkpoint), "--test-dir", str(tmp_path / "nowhere")], module=T)
+def test_missing_test_folder(tmp_path, one_epoch_checkpoint, capsys):
+    err = run_main(capsys, ["--ckpt", str(one_epoch_checkpoint), "--test-dir", str(tmp_path / "nowhere")], module=T)
     assert "nowhere" in err and "--test-dir" in err
 
 
-def test_corrupt_test_image_still_gets_a_key(tmp_path, good_checkpoint, tiny_source, capsys):
+def test_corrupt_test_image_still_gets_a_key(tmp_path, one_epoch_checkpoint, tiny_source, capsys):
     test_dir = tmp_path / "test"
     shutil.copytree(tiny_source / "images" / "test-resized", test_dir)
     broken = first(test_dir, "*.jpg")
     broken.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
     (test_dir / "empty.jpg").write_bytes(b"")
     out = tmp_path / "p.json"
-    T.main(["--ckpt", str(good_checkpoint), "--test-dir", str(test_dir), "--out", str(out), "--device", "cpu"])
+    T.main(["--ckpt", str(one_epoch_checkpoint), "--test-dir", str(test_dir), "--out", str(out), "--device", "cpu"])
     err = capsys.readouterr().err
     preds = json.loads(out.read_text())
     assert sorted(preds) == sorted(p.stem for p in test_dir.glob("*.jpg"))
@@ -238,7 +217,8 @@ def test_non_finite_losses_in_a_real_run_keep_the_last_good_checkpoint(tmp_path,
     M.train(dict(cfg, epochs=1), log=lambda *_: None)
     good = (tmp_path / "checkpoints" / "t" / "last.pth").read_bytes()
     monkeypatch.setattr(M, "train_one_epoch", poisoned)
-    err = run_main(capsys, config_argv(dict(cfg, resume=str(tmp_path / "checkpoints" / "t" / "last.pth"))))
+    err = run_main(capsys, config_argv(dict(cfg, resume=str(tmp_path / "checkpoints" / "t" / "last.pth"))),
+                   one_line=False)
     assert "non-finite losses in a row" in err
     assert (tmp_path / "checkpoints" / "t" / "last.pth").read_bytes() == good
     state = M.load_checkpoint(tmp_path / "checkpoints" / "t" / "best_model.pth")

@@ -7,10 +7,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import bench  # noqa: E402
-import MS_COCO  # noqa: E402
+import bench
+import MS_COCO
 
 
 def test_bench_main_writes_positive_figures(tmp_path):

@@ -12,27 +12,9 @@ import torch
 
 import MS_COCO as M
 import MS_COCO_test as T
-from conftest import tiny_config
+from conftest import listing, run_main, snapshot
 
 OLD = b'{\n "old": [1]\n}\n'
-
-
-def run_main(capsys, argv, code=2):
-    """T.main(argv) expected to stop with exit code `code` and one line on stderr; returns it."""
-    with pytest.raises(SystemExit) as exc:
-        T.main(argv)
-    err = capsys.readouterr().err
-    assert exc.value.code == code, err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    return err
-
-
-def snapshot(root):
-    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def listing(folder):
-    return sorted(p.name for p in folder.iterdir())
 
 
 @pytest.fixture
@@ -42,13 +24,6 @@ def old_out(tmp_path):
     out.parent.mkdir()
     out.write_bytes(OLD)
     return out
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tiny_source):
-    tmp = tmp_path_factory.mktemp("faults")
-    M.train(tiny_config(tmp, tiny_source, epochs=1, reports=False), log=lambda *_: None)
-    return tmp / "checkpoints" / "t" / "best_model.pth"
 
 
 @pytest.fixture
@@ -88,7 +63,7 @@ def score(capsys, tmp_path, labels, text):
     path = tmp_path / "predictions.json"
     path.write_text(text)
     before = snapshot(tmp_path)
-    err = run_main(capsys, ["--predictions", str(path), "--labels", str(labels)])
+    err = run_main(capsys, ["--predictions", str(path), "--labels", str(labels)], module=T)
     assert snapshot(tmp_path) == before
     assert str(path) in err
     return err
@@ -160,7 +135,7 @@ def test_bad_out_is_refused_before_predicting(bad_out, tmp_path, old_out, capsys
     out = bad_out(tmp_path)
     before = snapshot(tmp_path)
     no_loading(monkeypatch)
-    err = run_main(capsys, ["--ckpt", "any.pth", "--out", str(out)])
+    err = run_main(capsys, ["--ckpt", "any.pth", "--out", str(out)], module=T)
     assert f"--out {out}" in err and ("folder" in err or "file" in err)
     assert snapshot(tmp_path) == before
 
@@ -175,7 +150,7 @@ def test_out_in_an_unwritable_folder_is_refused_before_predicting(tmp_path, old_
         return real_open(path, *args, **kwargs)
     monkeypatch.setattr(os, "open", refusing_open)
     no_loading(monkeypatch)
-    err = run_main(capsys, ["--ckpt", "any.pth", "--out", str(old_out)])
+    err = run_main(capsys, ["--ckpt", "any.pth", "--out", str(old_out)], module=T)
     assert f"--out {old_out}" in err and "cannot write" in err and "Permission denied" in err
     assert old_out.read_bytes() == OLD and listing(old_out.parent) == ["predictions.json"]
 
@@ -186,7 +161,7 @@ def test_out_in_a_read_only_folder_is_refused_before_predicting(tmp_path, old_ou
     old_out.parent.chmod(0o555)
     try:
         no_loading(monkeypatch)
-        err = run_main(capsys, ["--ckpt", "any.pth", "--out", str(old_out)])
+        err = run_main(capsys, ["--ckpt", "any.pth", "--out", str(old_out)], module=T)
     finally:
         old_out.parent.chmod(0o755)
     assert f"--out {old_out}" in err and "cannot write" in err
@@ -194,15 +169,15 @@ def test_out_in_a_read_only_folder_is_refused_before_predicting(tmp_path, old_ou
 
 
 # -------------------------------------------------------------- test folder
-def test_same_stem_twice_is_refused(checkpoint, test_images, old_out, capsys):
+def test_same_stem_twice_is_refused(one_epoch_checkpoint, test_images, old_out, capsys):
     twin = sorted(test_images.glob("*.jpg"))[0]
     shutil.copy(twin, twin.with_suffix(".png"))
-    err = run_main(capsys, export_argv(checkpoint, test_images, old_out))
+    err = run_main(capsys, export_argv(one_epoch_checkpoint, test_images, old_out), module=T)
     assert repr(twin.stem) in err and twin.name in err and twin.with_suffix(".png").name in err
     assert old_out.read_bytes() == OLD and listing(old_out.parent) == ["predictions.json"]
 
 
-def test_odd_entries_of_the_test_folder(checkpoint, test_images, tmp_path, capsys):
+def test_odd_entries_of_the_test_folder(one_epoch_checkpoint, test_images, tmp_path, capsys):
     """Upper-case .JPG is an image; a broken link gets its key (empty) with a warning, like an
     unreadable image; a folder named y.jpg is skipped (M.list_images leaves folders out)."""
     first = sorted(test_images.glob("*.jpg"))[0]
@@ -210,7 +185,7 @@ def test_odd_entries_of_the_test_folder(checkpoint, test_images, tmp_path, capsy
     (test_images / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
     (test_images / "y.jpg").mkdir()
     out = tmp_path / "p.json"
-    preds = T.main(export_argv(checkpoint, test_images, out))
+    preds = T.main(export_argv(one_epoch_checkpoint, test_images, out))
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert json.loads(out.read_text()) == preds
@@ -224,9 +199,9 @@ def interrupt(*args, **kwargs):
 
 
 @pytest.mark.parametrize("where", ["decode_all", "predict", "replace"])
-def test_ctrl_c_keeps_the_old_predictions(where, checkpoint, test_images, old_out, capsys, monkeypatch):
+def test_ctrl_c_keeps_the_old_predictions(where, one_epoch_checkpoint, test_images, old_out, capsys, monkeypatch):
     monkeypatch.setattr(M.os if where == "replace" else M, where, interrupt)   # replace: while writing
-    err = run_main(capsys, export_argv(checkpoint, test_images, old_out), code=130)
+    err = run_main(capsys, export_argv(one_epoch_checkpoint, test_images, old_out), code=130, module=T)
     assert "interrupted" in err and "run the same command again" in err
     monkeypatch.undo()
     assert old_out.read_bytes() == OLD and listing(old_out.parent) == ["predictions.json"]
@@ -235,7 +210,7 @@ def test_ctrl_c_keeps_the_old_predictions(where, checkpoint, test_images, old_ou
 # ------------------------------------------------------------------ devices
 def test_unknown_device_lists_the_accepted_forms(old_out, capsys, monkeypatch):
     no_loading(monkeypatch)
-    err = run_main(capsys, ["--device", "gpu", "--out", str(old_out)])
+    err = run_main(capsys, ["--device", "gpu", "--out", str(old_out)], module=T)
     assert "--device 'gpu'" in err and all(form in err for form in ("auto", "cpu", "cuda:N", "mps"))
     assert old_out.read_bytes() == OLD
 
@@ -255,12 +230,12 @@ def test_pick_device_refuses_a_gpu_index_beyond_the_machine(monkeypatch):
 
 @pytest.mark.parametrize("gpus, device, expected", [(1, "cuda:1", "--device cuda:1"),
                                                     (0, "cuda", "CUDA is not available")])
-def test_export_with_a_missing_gpu_stops_cleanly(gpus, device, expected, checkpoint, test_images, old_out,
+def test_export_with_a_missing_gpu_stops_cleanly(gpus, device, expected, one_epoch_checkpoint, test_images, old_out,
                                                  capsys, monkeypatch):
     fake_gpus(monkeypatch, gpus)
-    argv = export_argv(checkpoint, test_images, old_out)
+    argv = export_argv(one_epoch_checkpoint, test_images, old_out)
     argv[argv.index("--device") + 1] = device
-    err = run_main(capsys, argv)
+    err = run_main(capsys, argv, module=T)
     assert expected in err
     assert old_out.read_bytes() == OLD and listing(old_out.parent) == ["predictions.json"]
 
@@ -279,6 +254,6 @@ def test_help_shows_the_choices_of_string_options(capsys):
 def test_unknown_thresholds_stops_before_anything_is_written(tmp_path, old_out, capsys, monkeypatch):
     before = snapshot(tmp_path)
     no_loading(monkeypatch)
-    err = run_main(capsys, ["--thresholds", "per-class", "--out", str(old_out)])
+    err = run_main(capsys, ["--thresholds", "per-class", "--out", str(old_out)], module=T)
     assert "--thresholds" in err and "'per-class'" in err and "per_class" in err
     assert snapshot(tmp_path) == before

@@ -5,7 +5,6 @@ checkpoints. Each test states the behaviour it expects."""
 import io
 import json
 import os
-import sys
 import warnings
 from pathlib import Path
 
@@ -17,20 +16,14 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import MS_COCO  # noqa: E402
-import MS_COCO_test  # noqa: E402
+import MS_COCO
+import MS_COCO_test
+from conftest import listing
 
 UserError = MS_COCO.UserError
 N = MS_COCO.NUM_CLASSES
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SIZE = 24  # decode size used throughout: small, and not a divisor of most inputs
-
-
-def listing(folder):
-    """Every entry of a folder, hidden ones included (temporary files start with a dot)."""
-    return sorted(os.listdir(folder))
 
 
 # ================================================================ label files

@@ -72,7 +72,8 @@ def check_against_reference(tmp, reference):
     acc.Reload()
     events = acc.Scalars("metrics/f1")
     assert [e.step for e in events] == list(range(1, EPOCHS + 1))
-    assert [round(e.value, 5) for e in events] == [round(float(r["f1"]), 5) for r in rows]
+    # TensorBoard keeps float32: rounding both to 5 places split 0.117085 into 0.11709 / 0.11708 (torch 2.11)
+    assert [e.value for e in events] == pytest.approx([float(r["f1"]) for r in rows], abs=1e-6)
     best = M.load_checkpoint(tmp / "checkpoints" / "t" / "best_model.pth")
     assert best["val_metrics"]["f1"] == pytest.approx(max(float(r["f1"]) for r in rows), abs=1e-6)
     assert sorted(p.name for p in (tmp / "checkpoints" / "t").iterdir()) == \

@@ -15,27 +15,9 @@ import pytest
 import torch
 
 import MS_COCO as M
-from conftest import ROOT, config_argv, tiny_config
+from conftest import ROOT, run_main, tiny_argv, tiny_config, written
 
 QUIET = dict(log=lambda *_: None)
-
-
-def run_main(capsys, argv, code=2):
-    """M.main(argv) expected to stop with `code` and a one-line error; returns stderr."""
-    with pytest.raises(SystemExit) as exc:
-        M.main(argv)
-    err = capsys.readouterr().err
-    assert exc.value.code == code, err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    return err
-
-
-def tiny_argv(tmp_path, data, **overrides):
-    return config_argv(tiny_config(tmp_path, data, **overrides))
-
-
-def written(tmp_path):
-    return [p for name in ("checkpoints", "outputs", "runs") for p in (tmp_path / name).rglob("*")]
 
 
 def metrics_epochs(tmp_path, run="t"):

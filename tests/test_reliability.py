@@ -19,25 +19,7 @@ import torch
 
 import MS_COCO as M
 import MS_COCO_test as T
-from conftest import ROOT, config_argv, tiny_config
-
-
-def run_main(capsys, argv, code=2, module=M):
-    """module.main(argv) expected to stop with `code` and a one-line error; returns stderr."""
-    with pytest.raises(SystemExit) as exc:
-        module.main(argv)
-    err = capsys.readouterr().err
-    assert exc.value.code == code, err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    return err
-
-
-def tiny_argv(tmp_path, data, **overrides):
-    return config_argv(tiny_config(tmp_path, data, **overrides))
-
-
-def written(tmp_path):
-    return [p for name in ("checkpoints", "outputs", "runs") for p in (tmp_path / name).rglob("*")]
+from conftest import ROOT, run_main, tiny_argv, tiny_config, written
 
 
 # ------------------------------------------------ 1. launches in the same second
@@ -128,24 +110,17 @@ def test_disk_full_at_the_first_write_of_a_new_run_is_one_line(tmp_path, tiny_so
 
 
 # -------------------------------------------------------------- 4. and 9. refits
-@pytest.fixture(scope="module")
-def source(tmp_path_factory, tiny_source):
-    tmp = tmp_path_factory.mktemp("refit-source")
-    M.train(tiny_config(tmp, tiny_source, epochs=1, run_id="src"), log=lambda *_: None)
-    return tmp, tmp / "checkpoints" / "src" / "best_model.pth"
-
-
-def test_a_normal_refit_warns_about_nothing(source, capsys):
-    tmp, best = source
+def test_a_normal_refit_warns_about_nothing(one_epoch_checkpoint, capsys):
+    best, tmp = one_epoch_checkpoint, one_epoch_checkpoint.parents[2]
     M.main(["--refit-from", str(best), "--run-id", "refit-ok"])
     out = capsys.readouterr().out
     assert "warning" not in out and "ignored" not in out, out
     assert (tmp / "checkpoints" / "refit-ok" / "best_model.pth").is_file()
 
 
-def test_refit_from_a_run_whose_outputs_were_deleted_is_one_line(source, capsys):
-    tmp, best = source
-    outputs, aside = tmp / "outputs" / "src", tmp / "outputs-aside"
+def test_refit_from_a_run_whose_outputs_were_deleted_is_one_line(one_epoch_checkpoint, capsys):
+    best, tmp = one_epoch_checkpoint, one_epoch_checkpoint.parents[2]
+    outputs, aside = tmp / "outputs" / "t", tmp / "outputs-aside"
     outputs.rename(aside)
     try:
         err = run_main(capsys, ["--refit-from", str(best), "--run-id", "refit-gone"])
