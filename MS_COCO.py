@@ -376,12 +376,15 @@ def pair_images_and_labels(image_dir, label_dir):
             raise UserError(f"{folder} holds several " + what.format(twins[:3]))
     by_stem, label_stems = {p.stem: p for p in images}, {p.stem for p in labels}
     no_label, no_image = sorted(set(by_stem) - label_stems), sorted(label_stems - set(by_stem))
-    problems = [f"{len(no_label)} image(s) in {image_dir} have no label file in {label_dir}, "
-                f"e.g. {', '.join(no_label[:5])}" if no_label else "",
-                f"{len(no_image)} label file(s) in {label_dir} have no image in {image_dir}, "
-                f"e.g. {', '.join(s + '.cls' for s in no_image[:5])}" if no_image else ""]
-    if any(problems):
-        raise UserError("; ".join(filter(None, problems)) + ". Remove or complete them, then run again.")
+    problems = []
+    if no_label:
+        problems.append(f"{len(no_label)} image(s) in {image_dir} have no label file in {label_dir}, "
+                        f"e.g. {', '.join(no_label[:5])}")
+    if no_image:
+        problems.append(f"{len(no_image)} label file(s) in {label_dir} have no image in {image_dir}, "
+                        f"e.g. {', '.join(s + '.cls' for s in no_image[:5])}")
+    if problems:
+        raise UserError("; ".join(problems) + ". Remove or complete them, then run again.")
     stems = sorted(by_stem)
     return stems, [by_stem[s] for s in stems]
 
@@ -1478,7 +1481,7 @@ def cached_features(model, data, device, cfg, rows, log=print):
     return out
 
 
-VALIDATION_BATCH_FITS = {}   # device -> the validation batch an out-of-memory retry settled on, kept for later epochs
+VALIDATION_BATCH_FITS = {}   # (device, arch, size) -> the validation batch an out-of-memory retry settled on
 
 
 def evaluate(model, images, labels, rows, device, cfg, features=None):
@@ -1490,7 +1493,8 @@ def evaluate(model, images, labels, rows, device, cfg, features=None):
             idx = torch.as_tensor(np.asarray(rows), device=features.device)
             probs = torch.sigmoid(head(features.index_select(0, idx)).float()).cpu().numpy()
     else:
-        batch = min(2 * cfg["batch_size"], VALIDATION_BATCH_FITS.get(str(device), 2 * cfg["batch_size"]))
+        fits_key = (str(device), cfg["arch"], cfg["image_size"])          # later epochs of this model start there
+        batch = min(2 * cfg["batch_size"], VALIDATION_BATCH_FITS.get(fits_key, 2 * cfg["batch_size"]))
         while True:         # out of memory at validation: retry smaller rather than lose the epoch
             try:
                 probs = predict(model, images, device, batch, cfg["amp"], cfg["channels_last"],
@@ -1500,7 +1504,7 @@ def evaluate(model, images, labels, rows, device, cfg, features=None):
                 if batch == 1:
                     raise
             # here, outside the except: its traceback held the failed batch's activations until now
-            batch = VALIDATION_BATCH_FITS[str(device)] = batch // 2
+            batch = VALIDATION_BATCH_FITS[fits_key] = batch // 2
             torch.cuda.empty_cache()
             print(f"warning: out of memory while validating: retrying at batch {batch}", file=sys.stderr)
     p = torch.from_numpy(probs).double().clamp(1e-7, 1 - 1e-7)
@@ -1586,13 +1590,14 @@ def checkpoint_state(model, optimizer, scheduler, cfg, run_id, epoch, step, best
     training, what a resume needs (optimizer, scheduler, EMA, raw weights, RNG, metrics rows).
     "model" holds the weights to predict with: the EMA's when they scored better."""
     weights = lambda m: {k: v.detach().cpu() for k, v in unwrap(m).state_dict().items()}
+    mean, std = normalisation(cfg["arch"])
     tau = float(report["tau"]) if report else 0.5       # until the end-of-run calibration: the swept tau*
     cal = calibration or {"chosen": "global", "threshold": tau, "global_tau": tau, "per_class": [tau] * NUM_CLASSES,
                           "strength": "inf", "heldout_f1": {}, "provisional": True}
     state = {
         "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "run_id": run_id, "arch": cfg["arch"],
         "num_classes": NUM_CLASSES, "class_names": list(CLASS_NAMES), "image_size": cfg["image_size"],
-        "mean": list(normalisation(cfg["arch"])[0]), "std": list(normalisation(cfg["arch"])[1]),
+        "mean": list(mean), "std": list(std),
         "model": weights(ema.module if use_ema else model), "weights_source": "ema" if use_ema else "raw",
         "threshold": cal["threshold"], "thresholds": cal, "tta": bool(cfg["tta"]), "amp": bool(cfg["amp"]),
         "val_metrics": scalar_metrics(report) if report else {}, "epoch": epoch, "step": step,
@@ -2309,7 +2314,7 @@ def train_head(model, optimizer, features, labels, train_idx, val_idx, y_all, de
     """A --head-epochs epoch: passes over the cached features until the head's validation F1 (a
     refit's: its training loss) has not improved for HEAD_PATIENCE passes, keeping the best head, so
     the probe converges at any batch and data size. The schedule does not count these steps."""
-    head = head_module(unwrap(model))
+    head, labels = head_module(unwrap(model)), to_device(labels, features.device)
     best, kept, stale, loss_sum, seen, seconds, passes = -math.inf, None, 0, 0.0, 0, 0.0, 0
     scheduled = [g["lr"] for g in optimizer.param_groups]
     for g in optimizer.param_groups:                # at LR: the schedule (warm-up first) starts after the probe

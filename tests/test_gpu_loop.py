@@ -208,6 +208,9 @@ def test_validation_out_of_memory_retries_outside_the_traceback_and_remembers(tm
         M.evaluate(None, None, labels, np.arange(10), torch.device("cpu"), cfg)
     assert tried == [16, 8, 4, 4], tried
     assert freed_inside_except == [False, False]
+    tried.clear()                                   # another model (a stage of the GPU check) starts afresh
+    M.evaluate(None, None, labels, np.arange(10), torch.device("cpu"), dict(cfg, image_size=64))
+    assert tried == [16, 8, 4], tried
 
 
 def test_compile_drops_the_last_partial_batch_and_the_schedule_counts_it(tiny_data, tmp_path):
