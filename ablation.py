@@ -9,7 +9,7 @@ Every variant trains with MS_COCO.train on the same data, size, batch and epoch 
 per seed (the seed also draws the validation split), and is scored on validation only: the
 challenge F1 at the global tau* (the checkpoint-selection figure), macro F1 and mAP of the best
 epoch, and the held-out F1 of each threshold option (fitted on 4/5 of validation, scored on the
-rest, see MS_COCO.calibrate_thresholds). Writes a markdown table (mean +- sample std over seeds)
+rest, see MS_COCO_test.calibrate_thresholds). Writes a markdown table (mean +- sample std over seeds)
 and the per-run figures as JSON. No test data is read.
 """
 
@@ -23,10 +23,11 @@ from pathlib import Path
 import numpy as np
 
 import MS_COCO as M
+import MS_COCO_test as T
 
 DATA_DIR = "demo-data"                 # dataset in the challenge layout (the demo's is generated when absent)
 OUT_DIR = "outputs/ablation"           # table.md, runs.json, and every run's folders
-VARIANTS = "default,asl,pos_weight,sampling,ema,cosine,tta,pos_weight+ema+tta,pos_weight+asl+ema+tta,sampling+asl+ema+tta,strong,default-longer,sampling+asl,sampling+asl-longer"   # comma-separated names of VARIANT_OPTIONS
+VARIANTS = "default,asl,sampling,ema,cosine,tta,sampling+asl+ema+tta,strong,default-longer,sampling+asl,sampling+asl-longer"   # comma-separated names of VARIANT_OPTIONS
 SEEDS = "0,1,2"                        # one run per seed and variant
 EPOCHS = 10                            # the fixed budget of every run
 IMAGE_SIZE = 64                        # px
@@ -43,16 +44,13 @@ PRESET = "synthetic"                   # synthetic (the demo's shapes, above) | 
 VARIANT_OPTIONS = {
     "default": {},
     "asl": dict(loss="asl"),
-    "pos_weight": dict(class_balance="pos_weight"),
     "sampling": dict(class_balance="sampling"),
     "ema": dict(ema_decay=0.998),
     "cosine": dict(schedule="cosine", warmup_epochs=1.0),
     "tta": dict(tta=True),
     "strong": dict(recipe="strong"),
     # Candidate bundles tried before settling MS_COCO.RECIPES["strong"].
-    "pos_weight+ema+tta": dict(class_balance="pos_weight", ema_decay=0.998, tta=True),
     "sampling+asl+ema+tta": dict(class_balance="sampling", loss="asl", ema_decay=0.998, tta=True),
-    "pos_weight+asl+ema+tta": dict(class_balance="pos_weight", loss="asl", ema_decay=0.998, tta=True),
     # The default recipe given the strong recipe's wall time (its sampling, EMA and TTA cost ~25%).
     "default-longer": dict(epochs=13, lr_step=9),
     "sampling+asl": dict(class_balance="sampling", loss="asl"),
@@ -117,13 +115,12 @@ def run_one(args, variant, seed, out_dir):
 
 def test_scores(state, test_dir, labels_dir, device):
     """Challenge F1 on labelled test photos at each threshold option: for information only."""
-    import MS_COCO_test as T
     stems, probs = T.predict_folder(state, test_dir, dict(device=device, loader_threads=0, batch_size=64))
     y = M.read_labels(labels_dir, stems)
     cal = state["thresholds"]
     out = {}
-    for name in M.THRESHOLD_OPTIONS:
-        th = M.option_thresholds(name, cal["global_tau"], np.asarray(cal["per_class"]))
+    for name in T.THRESHOLD_OPTIONS:
+        th = T.option_thresholds(name, cal["global_tau"], np.asarray(cal["per_class"]))
         out[name] = M.challenge_scores(y, M.binarize(probs, th))["f1"]
     out["chosen"] = out[cal["chosen"]]
     return out
@@ -166,7 +163,7 @@ def table(runs, args):
                      f"{fmt([b - a for a, b in zip(g, pc)])} | {test_cell(rs, 'global')} | "
                      f"{test_cell(rs, 'per_class')} | {fmt([r['seconds'] for r in rs], 0)} |")
     gains = {name: [r["heldout_f1"][name] - r["heldout_f1"]["global"] for r in runs]
-             for name in M.THRESHOLD_OPTIONS if name != "global"}
+             for name in T.THRESHOLD_OPTIONS if name != "global"}
     lines += ["", f"Held-out gain of each threshold option over the global tau*, all {len(runs)} runs "
               "(fitted on 4/5 of validation, scored on the other 1/5, 5 folds):", ""]
     lines += [f"- {name}: {fmt(g)} (better in {sum(x > 0 for x in g)} of {len(g)} runs)" for name, g in gains.items()]
@@ -175,7 +172,7 @@ def table(runs, args):
         lines += ["", f"For information only (never used to choose), the same on the labelled test photos, "
                   f"{len(tested)} runs:", ""]
         lines += [f"- {name}: {fmt([r['test_f1'][name] - r['test_f1']['global'] for r in tested])}"
-                  for name in M.THRESHOLD_OPTIONS if name != "global"]
+                  for name in T.THRESHOLD_OPTIONS if name != "global"]
     return "\n".join(lines) + "\n"
 
 

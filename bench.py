@@ -478,6 +478,7 @@ def bench_epoch_overhead(device, val_rows, out_dir, seed):
     metrics.csv. "before" redoes what the previous loop did each epoch with the same functions:
     the report, the threshold calibration on a new best, and three full training-state
     checkpoints (best, epoch, last). calibration_s: the end-of-training calibration alone."""
+    import MS_COCO_test
     rng = np.random.default_rng(seed)
     y = (rng.random((val_rows, MS_COCO.NUM_CLASSES)) < 0.04).astype(np.uint8)
     probs = np.clip(rng.random((val_rows, MS_COCO.NUM_CLASSES)) * 0.3 + y * 0.4, 0, 1).astype(np.float32)
@@ -486,14 +487,13 @@ def bench_epoch_overhead(device, val_rows, out_dir, seed):
     optimizer = MS_COCO.build_optimizer(cfg, model)
     model(torch.zeros(2, 3, 64, 64, device=device)).sum().backward()
     optimizer.step()                                     # Adam's state exists, as after any step
-    scheduler = MS_COCO.build_scheduler(cfg, optimizer, 100)
     taus = MS_COCO.threshold_grid()
     out = Path(out_dir)
     rows = [{"epoch": e, "f1": 0.5} for e in range(1, 31)]
     stems = [f"{i:012d}" for i in range(val_rows)]
 
     def state(report, training):
-        return MS_COCO.checkpoint_state(model, optimizer, scheduler, cfg, "bench", 1, 0, 0.5, report, None,
+        return MS_COCO.checkpoint_state(model, optimizer, cfg, "bench", 1, 0, 0.5, report, None,
                                         metrics=rows, training=training)
     t0 = time.perf_counter()
     report = MS_COCO.validation_report(y, probs, taus)
@@ -505,13 +505,13 @@ def bench_epoch_overhead(device, val_rows, out_dir, seed):
     after = time.perf_counter() - t0
     t0 = time.perf_counter()
     report = MS_COCO.validation_report(y, probs, taus)
-    MS_COCO.calibrate_thresholds(y, probs, taus)
+    MS_COCO_test.calibrate_thresholds(y, probs, taus)
     for name in ("best_model.pth", "epoch_001.pth", "last.pth"):
         MS_COCO.save_checkpoint(out / name, state(report, True))
     MS_COCO.write_metrics_csv(out / "metrics.csv", rows)
     before = time.perf_counter() - t0
     t0 = time.perf_counter()
-    MS_COCO.calibrate_thresholds(y, probs, taus)
+    MS_COCO_test.calibrate_thresholds(y, probs, taus)
     calibration = time.perf_counter() - t0
     sizes = {"best_model_mb": (out / "best_model.pth").stat().st_size / 2**20}
     MS_COCO.save_checkpoint(out / "best_model.pth", state(report, False))

@@ -5,7 +5,7 @@ import json
 import pytest
 
 import ablation
-import MS_COCO
+import MS_COCO_test
 
 
 def test_ablation_writes_runs_and_table_and_resumes(tmp_path, tiny_data, capsys):
@@ -15,7 +15,7 @@ def test_ablation_writes_runs_and_table_and_resumes(tmp_path, tiny_data, capsys)
     assert [(r["variant"], r["seed"]) for r in runs] == [("default", 0), ("default", 1), ("asl", 0), ("asl", 1)]
     for r in runs:
         assert 0.0 <= r["f1"] <= 1.0 and r["seconds"] > 0
-        assert set(r["heldout_f1"]) == set(MS_COCO.THRESHOLD_OPTIONS)
+        assert set(r["heldout_f1"]) == set(MS_COCO_test.THRESHOLD_OPTIONS)
     table = (tmp_path / "abl" / "table.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| default") or line.startswith("| asl")]
     assert len(rows) == 2 and "seeds [0, 1]" in table

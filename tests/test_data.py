@@ -225,7 +225,7 @@ def test_crops_and_flips_stay_inside_the_image():
     same = M.augment_batch(x8, torch.Generator().manual_seed(1), crop_scale_min=0.25, hflip=True)
     assert torch.equal(x, same)                               # seeded: resume replays the same pixels
     plain = M.augment_batch(x8, g, crop_scale_min=1.0, hflip=False)
-    assert torch.allclose(plain, M.eval_transform(x8))
+    assert torch.allclose(plain, M.normalize(x8))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

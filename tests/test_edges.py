@@ -82,7 +82,7 @@ def test_the_loss_is_read_every_check_every_steps(tmp_path, monkeypatch):
 
 def test_small_public_helpers(tmp_path):
     assert M.available_ram_bytes() > 0
-    assert M.parse_config(["--epochs", "7"])["epochs"] == 7
+    assert M.parse_options(M, "", ["--epochs", "7"])[0]["epochs"] == 7
     with pytest.raises(SystemExit) as stop:
         M.main(["--head-epochs", "3", "--epochs", "3", "--data-dir", str(tmp_path)])
     assert stop.value.code == 2

@@ -246,7 +246,7 @@ def test_help_shows_the_choices_of_string_options(capsys):
         T.main(["--help"])
     out = " ".join(capsys.readouterr().out.split())          # argparse wraps lines anywhere
     assert exc.value.code == 0
-    assert all(choice in out for choice in M.THRESHOLD_OPTIONS)
+    assert all(choice in out for choice in T.THRESHOLD_OPTIONS)
     assert "{,global,per_class}" in out.replace(" ", "")
     assert "cuda:N" in out and "mps" in out                   # --device: a pattern, shown in its help
 

@@ -80,7 +80,7 @@ def epoch_transfers(steps, tmp_path, monkeypatch, on_device, recipe):
     repeat = M.repeat_factors(labels, cfg["sampling_threshold"]) if cfg["class_balance"] == "sampling" else None
     opt = M.build_optimizer(cfg, model)
     scheduler = M.build_scheduler(cfg, opt, M.count_steps(n, 4))
-    criterion = M.build_criterion(cfg, labels)
+    criterion = M.build_criterion(cfg)
     ema = M.build_ema(model, cfg)
     images, labels = M.place_images(images, labels, device, dict(cfg, data_on_gpu=on_device), print)
     assert isinstance(images, torch.Tensor) == on_device

@@ -66,6 +66,16 @@ def test_resume_of_a_finished_run_says_how_to_extend_it(tmp_path, tiny_source, c
     assert "--epochs" in err
 
 
+def test_resume_of_a_run_with_the_removed_pos_weight_is_one_line(tmp_path, tiny_source, capsys):
+    M.main(tiny_argv(tmp_path, tiny_source, epochs=1))
+    last = tmp_path / "checkpoints" / "t" / "last.pth"
+    state = torch.load(last, weights_only=True)
+    state["config"]["class_balance"] = "pos_weight"         # what an older run's config may hold
+    torch.save(state, last)
+    err = run_main(capsys, ["--resume", str(last), "--epochs", "2"])
+    assert "--class-balance 'pos_weight' was removed" in err
+
+
 # ------------------------------------------------------- 2. and 3. bad values
 BAD_OPTIONS = [
     (["--class-balance", "pos-weight"], "--class-balance"), (["--loss", "ASL"], "--loss"),
@@ -74,7 +84,7 @@ BAD_OPTIONS = [
     (["--max-images", "-35"], "--max-images"), (["--val-fraction", "1.5"], "--val-fraction"),
     (["--val-fraction", "-0.5"], "--val-fraction"), (["--epochs", "0"], "--epochs"),
     (["--batch-size", "0"], "--batch-size"), (["--batch-size", "-16"], "--batch-size"), (["--lr", "-1"], "--lr"),
-    (["--lr", "nan"], "--lr"), (["--dropout", "1.5"], "--dropout"), (["--threshold-step", "0"], "--threshold-step"),
+    (["--lr", "nan"], "--lr"), (["--momentum", "1.5"], "--momentum"), (["--threshold-step", "0"], "--threshold-step"),
     (["--threshold-min", "0.9", "--threshold-max", "0.1"], "--threshold-min"),
     (["--loader-threads", "-1"], "--loader-threads"), (["--image-size", "0"], "--image-size"),
     (["--run-id", "../escape"], "--run-id"), (["--run-id", "a/b"], "--run-id"), (["--run-id", "CON:"], "--run-id"),

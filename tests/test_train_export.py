@@ -61,7 +61,7 @@ def test_checkpoint_describes_itself(trained):
         assert key in state, key
     assert "optimizer" not in state                         # the export needs no training state ...
     last = torch.load(tmp / "checkpoints" / "t" / "last.pth", weights_only=True)
-    assert {"optimizer", "scheduler", "scaler", "torch_rng", "metrics"} <= set(last)   # ... resume does
+    assert {"optimizer", "scaler", "torch_rng", "metrics"} <= set(last)   # ... resume does
     assert state["arch"] == "resnet18" and state["image_size"] == 32 and len(state["class_names"]) == 80
     assert isinstance(state["config"], dict) and state["config"]["batch_size"] == 8
     assert M.THRESHOLD_MIN <= float(np.mean(state["threshold"])) <= 0.95
@@ -201,7 +201,7 @@ def test_local_weights_file(tmp_path):
 
 @pytest.mark.parametrize("arch", ["mobilenet_v3_small", "efficientnet_b0", "resnet50", "convnext_tiny"])
 def test_other_backbones_get_an_80_way_head(arch):
-    model = M.build_model(arch, "none", dropout=0.2)
+    model = M.build_model(arch, "none")
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 80)
 
 
