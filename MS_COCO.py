@@ -61,6 +61,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
@@ -109,6 +110,7 @@ DEVICE = "auto"                 # auto (cuda when present) | cpu | cuda | cuda:1
 AMP = True                      # bf16 autocast on CUDA (ignored on CPU)
 CHANNELS_LAST = True            # channels_last memory format on CUDA (ignored on CPU)
 COMPILE = False                 # torch.compile the model on CUDA (first epoch slower)
+SYNC_BN = False                 # torchrun on GPUs: BatchNorm statistics over the global batch (small per-GPU batches)
 DATA_ON_GPU = True              # keep the whole uint8 training set on the GPU when it fits with room to spare
 LOADER_THREADS = 0              # decode threads (0 = one per core)
 CACHE_DIR = ""                  # decoded-image cache folder ("" = <DATA_DIR>/cache, else ./cache when read-only)
@@ -201,8 +203,11 @@ def parse_options(module, description, argv=None, add_arguments=None):
     """(config, keys given on the command line): a --name-with-dashes option per constant of the module, typed by
     its value, and add_arguments(parser)'s; defaults are SUPPRESSed so that parsing tells which were given."""
     parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
-    # Errors in one line (the promise for bad input), exit code 2.
-    parser.error = lambda message: parser.exit(2, f"error: {message} (see {parser.prog} --help)\n")
+
+    def error(message):                         # one line, exit 2, on every rank under torchrun: a UserError
+        raise UserError(f"{message} (see {parser.prog} --help)")
+
+    parser.error = error
     constants, choices = module_constants(module), getattr(module, "CHOICES", {})
     for key, (value, text) in constants.items():
         flag, text = "--" + key.replace("_", "-"), f"{text} (default: {value!r})".replace("%", "%%")
@@ -252,7 +257,7 @@ def check_device_name(name):
 
 # Which options a resume may change; everything else is the run's own (its split, model and
 # recipe stay). batch size, lr and amp are here because our own error messages suggest them.
-RESUMABLE = ("epochs", "device", "loader_threads", "compile", "data_on_gpu", "keep_epochs", "data_dir",
+RESUMABLE = ("epochs", "device", "sync_bn", "loader_threads", "compile", "data_on_gpu", "keep_epochs", "data_dir",
              "cache_dir", "cache", "batch_size", "lr", "amp", "max_bad_steps", "reports", "channels_last")
 
 
@@ -386,7 +391,7 @@ def decode_all(paths, size, out=None, threads=0, desc="decode", block=64):
     bad = []
     # Warning filters are process-wide, so one setting here covers every worker thread.
     with warnings.catch_warnings(), ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool, \
-            tqdm(total=len(paths), desc=desc, unit="img", disable=None, leave=False) as bar:
+            tqdm(total=len(paths), desc=desc, unit="img", **PROGRESS) as bar:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         for count, errors in pool.map(work, range(0, len(paths), block)):
             bar.update(count)
@@ -564,11 +569,14 @@ def warp(x, theta):
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def augment_batch(x_uint8, generator, crop_scale_min=CROP_SCALE_MIN, hflip=True, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """Random resized crop and flip per sample (one batched grid_sample on the batch's device), normalised."""
-    x = x_uint8.float().div_(255.0)
+def augment_batch(x_uint8, generator, crop_scale_min=CROP_SCALE_MIN, hflip=True, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                  part=(0, None)):
+    """Random resized crop and flip per sample (one batched grid_sample on the batch's device), normalised. part:
+    (offset, size) of the global batch this is a share of (torchrun): its images get the one-process draws."""
+    x, (lo, total) = x_uint8.float().div_(255.0), part
     if crop_scale_min < 1 or hflip:
-        x = warp(x, crop_flip_theta(len(x), generator, crop_scale_min, hflip, x.device))
+        theta = crop_flip_theta(total or len(x), generator, crop_scale_min, hflip, x.device)
+        x = warp(x, theta[lo:lo + len(x)])
     m, s = channel_stats(tuple(mean), tuple(std), x.device)
     return (x - m) / s
 
@@ -1060,13 +1068,79 @@ def build_ema(model, cfg):
     return EMA(model, cfg["ema_decay"]) if cfg["ema_decay"] else None
 
 
+# --------------------------------------------------------- processes (torchrun)
+PROGRESS = dict(disable=None, leave=False)      # tqdm's settings: off on ranks other than 0
+
+
+def world():
+    """(this process's rank, number of processes): (0, 1) unless started by torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def join_processes():
+    """Under torchrun (WORLD_SIZE > 1): join its process group, NCCL for GPU tensors (the GPU of LOCAL_RANK), gloo
+    for CPU tensors (a --device cpu run, the ranks' agreements)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1 or dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    if dist.get_rank():
+        PROGRESS["disable"] = True
+
+
+def together(fn, run=True):
+    """fn() where run is true; a UserError on any rank is raised on every rank, so that none waits for one that
+    stopped (each prints its one line and exits 2)."""
+    if world()[1] == 1:
+        return fn() if run else None
+    out, error, errors = None, None, [None] * world()[1]
+    try:
+        out = fn() if run else None
+    except UserError as exc:
+        error = str(exc)
+    dist.all_gather_object(errors, error)
+    if first := next((e for e in errors if e), None):
+        raise UserError(first)
+    return out
+
+
+def from_rank0(value):
+    """Rank 0's value on every rank (the run id, whether a file is there)."""
+    box = [value]
+    if world()[1] > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce(tensor, op=dist.ReduceOp.SUM):
+    if world()[1] > 1:
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
+def same_as_rank0(*modules):
+    """Rank 0's weights and buffers in every rank's modules: each rank's BatchNorm statistics (and its EMA of them)
+    last saw its own share of the batch."""
+    for t in (t for m in modules for t in m.state_dict().values()):
+        dist.broadcast(t, 0)
+
+
+def wrap_for_training(model, device, cfg):
+    """What a training step calls: under torchrun DistributedDataParallel over the weights trainable now (it is built
+    again when they change; building it copies rank 0's weights to every rank), compiled with --compile on CUDA."""
+    if world()[1] > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    return torch.compile(model) if cfg["compile"] and device.type == "cuda" else model
+
+
 # ---------------------------------------------------------------------- loop
 def step_seed(seed, epoch, step):
     """Seed for one optimisation step: a resumed run replays exactly the same batches."""
     return (seed * 1_000_003 + epoch * 10_007 + step) % (2 ** 63)
 
 
-def epoch_batches(rows, batch_size, seed, epoch, repeat=None, drop_last=False):
+def epoch_batches(rows, batch_size, seed, epoch, repeat=None, drop_last=False, world=1):
     """The epoch's batches of row indices, in a seeded order; with repeat factors, row i appears floor or ceil(r_i)."""
     g = torch.Generator().manual_seed(step_seed(seed, epoch, 0) ^ 0x5EED)
     rows = np.asarray(rows)
@@ -1077,17 +1151,17 @@ def epoch_batches(rows, batch_size, seed, epoch, repeat=None, drop_last=False):
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     if drop_last and len(batches) > 1 and len(batches[-1]) < batch_size:   # torch.compile: one shape only
         batches.pop()
-    if len(batches) > 1 and len(batches[-1]) == 1:            # BatchNorm cannot train on one image
+    if len(batches) > 1 and len(batches[-1]) < max(2, world):   # BatchNorm cannot train on one image; a share each
         batches[-2:] = [np.concatenate(batches[-2:])]
     return batches
 
 
-def count_steps(n_rows, batch_size, drop_last=False):
+def count_steps(n_rows, batch_size, drop_last=False, world=1):
     """The number of batches epoch_batches cuts n_rows into: what the schedule counts."""
     steps, last = -(-n_rows // batch_size), (n_rows - 1) % batch_size + 1
     if drop_last and steps > 1 and last < batch_size:
         steps, last = steps - 1, batch_size
-    return steps - (steps > 1 and last == 1)
+    return steps - (steps > 1 and last < max(2, world))
 
 
 def autocast(device, enabled):
@@ -1117,6 +1191,11 @@ class StopFlag:
         for s, h in self.previous.items():
             signal.signal(s, h)
 
+    def agreed(self, device):
+        """Whether any rank was asked to stop (each is signalled at its own step); every rank learns the signal."""
+        self.signum = int(all_reduce(torch.tensor(self.signum or 0, device=device), dist.ReduceOp.MAX)) or None
+        return self.signum is not None
+
 
 CHECK_EVERY = 50      # steps between the host's reads of the loss (progress bar, non-finite check)
 
@@ -1127,24 +1206,29 @@ def train_one_epoch(model, optimizer, images, labels, rows, device, cfg, epoch, 
     """One pass over the training rows: (mean loss, images seen, seconds); carry is (loss sum, images, bad steps)
     before an interruption. head_only keeps the backbone in eval mode; with features (the frozen backbone's
     outputs, a row per image) only the head runs. No step waits for the device: augmentation, the loss sums and
-    the scaler's skip of a non-finite step stay there, and the host reads them every CHECK_EVERY steps."""
+    the scaler's skip of a non-finite step stay there, and the host reads them every CHECK_EVERY steps. Under
+    torchrun each rank takes its share of every global batch (on features every rank takes all: no DDP there)."""
     set_train_mode(unwrap(model), head_only or features is not None)
     forward = head_module(unwrap(model)) if features is not None else model
     if features is not None:
         images, labels = features, to_device(labels, features.device)
     criterion, scaler = (criterion or nn.BCEWithLogitsLoss()).to(device), scaler or make_scaler(device, cfg)
-    batches = epoch_batches(rows, cfg["batch_size"], cfg["seed"], epoch, repeat, drop_last=cfg["compile"])
+    rank, n = world() if features is None else (0, 1)
+    batches = epoch_batches(rows, cfg["batch_size"], cfg["seed"], epoch, repeat, drop_last=cfg["compile"], world=n)
+    shares = [(len(b) * rank // n, len(b) * (rank + 1) // n, len(b)) for b in batches]
     loss_sum, seen = (torch.tensor(float(v), device=device) for v in (carry or (0.0, 0))[:2])
     flags, last_read, bad_steps = [], start_step, int(carry[2]) if carry else 0
     mean_std = normalisation(cfg["arch"])           # looked up once: a timm name costs a registry lookup
     t0 = time.time()
-    prefetch = BatchPrefetcher(images, labels, batches[start_step:], device)
-    bar = tqdm(total=len(batches), initial=start_step, desc=f"epoch {epoch}", unit="batch", disable=None, leave=False)
+    prefetch = BatchPrefetcher(images, labels, [b[lo:hi] for b, (lo, hi, _) in zip(batches, shares)][start_step:],
+                               device)
+    bar = tqdm(total=len(batches), initial=start_step, desc=f"epoch {epoch}", unit="batch", **PROGRESS)
 
     def read_back(step):
         """The one host read every CHECK_EVERY steps: warnings for skipped steps, the stop rule."""
         nonlocal flags, last_read, bad_steps
-        for k, bad in enumerate(torch.stack(flags).tolist() if flags else [], last_read):
+        # under torchrun a rank's non-finite loss skips the step on every rank: all count it
+        for k, bad in enumerate(all_reduce(torch.stack(flags).byte(), dist.ReduceOp.MAX).tolist() if flags else [], last_read):
             bad_steps = bad_steps + 1 if bad else 0
             if bad:
                 print(f"warning: non-finite loss at epoch {epoch} step {k}: step skipped ({bad_steps} in a row)",
@@ -1159,13 +1243,14 @@ def train_one_epoch(model, optimizer, images, labels, rows, device, cfg, epoch, 
             torch.manual_seed(step_seed(cfg["seed"], epoch, step))
             if features is None:
                 g = torch.Generator(device=x.device).manual_seed(step_seed(cfg["seed"], epoch, step) + 1)
-                x = augment_batch(x, g, cfg["crop_scale_min"], cfg["hflip"], *mean_std)
+                x = augment_batch(x, g, cfg["crop_scale_min"], cfg["hflip"], *mean_std, part=shares[step][::2])
                 if device.type == "cuda" and cfg["channels_last"]:
                     x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device, cfg["amp"]):
                 loss = criterion(forward(x).float(), y)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            # DDP averages the ranks' gradients: weighting each share's mean by its size gives the global batch's
+            scaler.scale(loss * (len(y) * n / shares[step][2]) if n > 1 else loss).backward()
             scaler.step(optimizer)              # skipped on the device when a gradient is not finite
             scaler.update()
             finite = torch.isfinite(loss.detach())
@@ -1180,17 +1265,21 @@ def train_one_epoch(model, optimizer, images, labels, rows, device, cfg, epoch, 
                 torch.cuda.synchronize(device)  # compile warm-up stays out of the images/s
                 t0 = time.time()
             stopping = stop is not None and stop.signum is not None
+            if n > 1 and stop is not None:      # ranks stop at the same step, agreed at the checks
+                stopping = ((step + 1) % CHECK_EVERY == 0 or step + 1 == len(batches)) and stop.agreed(device)
             if (step + 1) % CHECK_EVERY == 0 or stopping:
                 read_back(step)
                 bar.set_postfix(loss=f"{float(loss_sum) / max(float(seen), 1):.4f}", refresh=False)
             bar.update(1)
             if stopping:
-                on_stop(step + 1, (float(loss_sum), int(seen), bad_steps))
+                on_stop(step + 1, (float(all_reduce(loss_sum)), int(all_reduce(seen)), bad_steps))
                 raise StopRequested
         read_back(len(batches))
     finally:
         prefetch.close()
         bar.close()
+    if n > 1:
+        all_reduce(loss_sum), all_reduce(seen)
     return float(loss_sum) / max(float(seen), 1), int(seen), time.time() - t0
 
 
@@ -1217,14 +1306,16 @@ def to_device(array, device):
 def predict(model, images_u8, device, batch_size=512, amp=True, channels_last=True, mean=IMAGENET_MEAN,
             std=IMAGENET_STD, rows=None, desc="predict", tta=False, activation=torch.sigmoid):
     """activation (sigmoid: probabilities) of the outputs, (N, 80) float32, for uint8 images (array, memmap or
-    tensor), all of them or the given rows; tta averages in the mirrored images'."""
+    tensor), all of them or the given rows; tta averages in the mirrored images'. Under torchrun each rank predicts
+    its share of the rows and every rank gets them all, in order."""
     model.eval()
-    rows = np.arange(len(images_u8)) if rows is None else np.asarray(rows)
+    rank, n = world()
+    rows = np.array_split(np.arange(len(images_u8)) if rows is None else np.asarray(rows), n)[rank]
     on_device = isinstance(images_u8, torch.Tensor)
     if on_device:                               # the rows go to the images' device once, not per batch
         rows = torch.as_tensor(rows, device=images_u8.device)
     out = []
-    for i in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", disable=None, leave=False):
+    for i in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", **PROGRESS):
         idx = rows[i:i + batch_size]
         x8 = images_u8.index_select(0, idx) if on_device else torch.from_numpy(np.ascontiguousarray(images_u8[idx]))
         x = normalize(x8.to(device, non_blocking=True), mean, std)
@@ -1233,7 +1324,12 @@ def predict(model, images_u8, device, batch_size=512, amp=True, channels_last=Tr
         with autocast(device, amp):
             p = activation(model(x).float())
             out.append((p + activation(model(x.flip(3)).float())) / 2 if tta else p)
-    return torch.cat(out).cpu().numpy() if out else np.zeros((0, NUM_CLASSES), np.float32)   # one read
+    out = torch.cat(out).cpu().numpy() if out else np.zeros((0, NUM_CLASSES), np.float32)   # one read
+    if n > 1:
+        parts = [None] * n
+        dist.all_gather_object(parts, out)
+        out = np.concatenate([p for p in parts if len(p)] or [out])
+    return out
 
 
 @torch.no_grad()
@@ -1260,12 +1356,13 @@ def cached_features(model, data, device, cfg, rows, log=print):
     key = hashlib.sha1(f"{data.key}:{cfg['arch']}:{cfg['image_size']}:{cfg['weights']}:{len(rows)}:"
                        f"{hashlib.sha1(np.asarray(rows).tobytes()).hexdigest()}".encode()).hexdigest()[:16]
     path = resolve_cache_dir(cfg) / f"features_{cfg['arch'].replace('/', '-')}_{cfg['image_size']}_{key}.npy"
-    if path.is_file():
+    if from_rank0(path.is_file()):
         log(f"features: {path}")
         return np.load(path)
     t0, out = time.time(), backbone_features(model, data.images, device, cfg, rows)
     try:
-        atomic_write_bytes(path, lambda f: np.save(f, out))
+        if world()[0] == 0:
+            atomic_write_bytes(path, lambda f: np.save(f, out))
     except OSError as exc:
         log(f"warning: features not cached ({exc.strerror or exc})")
     log(f"features: {len(rows)} images through the frozen backbone in {time.time() - t0:.1f}s, cached in {path}")
@@ -1368,7 +1465,9 @@ def model_from_checkpoint(state):
 
 
 def unwrap(model):
-    return getattr(model, "_orig_mod", model)
+    """The model itself, out of torch.compile's and DistributedDataParallel's wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def checkpoint_state(model, optimizer, cfg, run_id, epoch, step, best, report, carry, ema=None, use_ema=False,
@@ -1698,31 +1797,20 @@ def evaluate_both(net, ema, images, labels, val_idx, device, cfg, taus, features
 
 
 def train(cfg, log=print, given=None):
-    """The whole training run, cfg updated in place to the resolved settings; returns a summary dict."""
-    resume = load_checkpoint(cfg["resume"]) if cfg["resume"] else None
-    if resume and "optimizer" not in resume:
-        raise UserError(f"{cfg['resume']} holds the weights to export, not the training state: resume from "
-                        f"last.pth (or an epoch_NNN.pth) in the same folder")
-    source = load_checkpoint(cfg["refit_from"]) if cfg["refit_from"] and not resume else None
-    given = given_keys(cfg, given)
-    cfg.update(refit_settings(cfg, given, source, log) if source else
-               merge_settings(cfg, given, resume["config"] if resume else None, log))
-    if cfg["refit_from"] and not source:        # a resumed refit: its thresholds still come from the source
-        source = load_checkpoint(cfg["refit_from"])
-    run_id = cfg["run_id"] = resume["run_id"] if resume else (cfg["run_id"] or new_run_id())
+    """The whole training run, cfg updated in place to the resolved settings; returns a summary dict. Under torchrun
+    every rank runs it: rank 0 alone logs, claims the run and writes, the others wait where its outcome matters."""
+    rank, n = world()
+    log = log if rank == 0 else lambda *_, **__: None
+    resume, source, device = together(lambda: resolve_settings(cfg, given, log))
+    run_id = cfg["run_id"] = from_rank0(resume["run_id"] if resume else (cfg["run_id"] or new_run_id()))
     dirs = run_dirs(cfg, run_id)
-    device = pick_device(cfg["device"])
-    if resume:
-        done = resume["epoch"] - 1 if resume["step"] else resume["epoch"]
-        if done >= cfg["epochs"]:
-            raise UserError(f"run {run_id} has already trained {done} of its {cfg['epochs']} epochs: "
-                            f"pass --epochs N with N > {done} to train further")
-    else:
-        check_new_run(dirs, run_id)
+    together(lambda: resume or check_new_run(dirs, run_id), run=rank == 0)
     torch.manual_seed(cfg["seed"])
     model = build_model(cfg["arch"], "none" if resume else cfg["weights"], NUM_CLASSES, cfg["freeze"])
     check_input_size(model, cfg["image_size"])
-    data = load_train_set(cfg, log)
+    local_first = int(os.environ.get("LOCAL_RANK", 0)) == 0     # one process a machine builds the image cache
+    data = together(lambda: load_train_set(cfg, log), run=local_first)
+    data = together(lambda: load_train_set(cfg, log), run=not local_first) or data
     split_path = dirs["output"] / "split.json"
     if resume:
         if not split_path.is_file():
@@ -1744,22 +1832,14 @@ def train(cfg, log=print, given=None):
                         (f"raise --max-images {cfg['max_images']} (0 uses all)" if capped else
                          "add images or raise --val-fraction"))
     created = {d for d in dirs.values() if not d.exists()}
-    if resume:
-        for name, d in dirs.items():
-            ensure_writable(d, f"--{name}-dir")
-        for stale in dirs["checkpoint"].glob(".*.tmp"):        # left by a killed save
-            stale.unlink(missing_ok=True)
-    else:
-        claim_run(dirs, run_id, log)
     last_path = dirs["checkpoint"] / "last.pth"
+    together(lambda: reopen_run(dirs) if resume else claim_run(dirs, run_id, log), run=rank == 0)
     try:
-        if not resume:
-            split = {"seed": cfg["seed"], "val_fraction": cfg["val_fraction"],
-                     "train": [data.stems[i] for i in train_idx], "val": [data.stems[i] for i in val_idx]}
-            atomic_write_text(split_path, json.dumps(split, indent=0))
-        atomic_write_text(dirs["output"] / "config.json", json.dumps(cfg, indent=2))
+        together(lambda: save_run_files(cfg, dirs, data, train_idx, val_idx, resume), run=rank == 0)
         return fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume, source)
     except (Exception, KeyboardInterrupt) as exc:
+        if rank:
+            raise
         if not (resume or last_path.is_file()):     # nothing resumable: remove it, the same command starts it again
             for d in created:
                 shutil.rmtree(d, ignore_errors=True)
@@ -1771,6 +1851,47 @@ def train(cfg, log=print, given=None):
         if isinstance(exc, KeyboardInterrupt):
             raise SystemExit(130) from None
         raise
+
+
+def resolve_settings(cfg, given, log):
+    """(resumed state, refit source, device) with cfg updated to the run's settings; UserError where they cannot run."""
+    resume = load_checkpoint(cfg["resume"]) if cfg["resume"] else None
+    if resume and "optimizer" not in resume:
+        raise UserError(f"{cfg['resume']} holds the weights to export, not the training state: resume from "
+                        f"last.pth (or an epoch_NNN.pth) in the same folder")
+    source = load_checkpoint(cfg["refit_from"]) if cfg["refit_from"] and not resume else None
+    given = given_keys(cfg, given)
+    cfg.update(refit_settings(cfg, given, source, log) if source else
+               merge_settings(cfg, given, resume["config"] if resume else None, log))
+    if cfg["refit_from"] and not source:        # a resumed refit: its thresholds still come from the source
+        source = load_checkpoint(cfg["refit_from"])
+    if resume and (done := resume["epoch"] - 1 if resume["step"] else resume["epoch"]) >= cfg["epochs"]:
+        raise UserError(f"run {resume['run_id']} has already trained {done} of its {cfg['epochs']} epochs: "
+                        f"pass --epochs N with N > {done} to train further")
+    if cfg["batch_size"] % world()[1]:
+        raise UserError(f"--batch-size {cfg['batch_size']} does not divide among {world()[1]} processes: pass a "
+                        f"multiple of {world()[1]}")
+    device = pick_device(cfg["device"])
+    if device.type == "cuda" and world()[1] > 1:
+        device = torch.device("cuda", torch.cuda.current_device())     # torchrun's LOCAL_RANK
+    return resume, source, device
+
+
+def reopen_run(dirs):
+    """A resumed run's folders, proven writable, without the temporary files of a killed save."""
+    for name, d in dirs.items():
+        ensure_writable(d, f"--{name}-dir")
+    for stale in dirs["checkpoint"].glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+def save_run_files(cfg, dirs, data, train_idx, val_idx, resume):
+    """A new run's split, and the resolved config."""
+    if not resume:
+        split = {"seed": cfg["seed"], "val_fraction": cfg["val_fraction"],
+                 "train": [data.stems[i] for i in train_idx], "val": [data.stems[i] for i in val_idx]}
+        atomic_write_text(dirs["output"] / "split.json", json.dumps(split, indent=0))
+    atomic_write_text(dirs["output"] / "config.json", json.dumps(cfg, indent=2))
 
 
 def refit_settings(cfg, given, source, log=print):
@@ -1817,12 +1938,15 @@ def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume, refit=N
     model.to(device)
     if device.type == "cuda" and cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
+    rank, n = world()
+    if cfg["sync_bn"] and n > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     train_labels = data.labels[train_idx]
     if cfg["head_bias_prior"] and not resume:
         init_head_bias(model, train_labels)
     repeat = repeat_factors(train_labels, cfg["sampling_threshold"]) if cfg["class_balance"] == "sampling" else None
     rows_per_epoch = round(float(repeat.sum())) if repeat is not None else len(train_idx)
-    steps_per_epoch = count_steps(rows_per_epoch, cfg["batch_size"], drop_last=cfg["compile"])
+    steps_per_epoch = count_steps(rows_per_epoch, cfg["batch_size"], drop_last=cfg["compile"], world=n)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     criterion = build_criterion(cfg).to(device)
@@ -1849,18 +1973,19 @@ def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume, refit=N
         rows = [r for r in resume.get("metrics") or [] if r["epoch"] < start_epoch]   # match its epoch exactly
         log(f"resuming run {run_id} at epoch {start_epoch}" + (f", step {start_step}" if start_step else "")
             + f" (best F1 so far {best:.4f})")
-    net = torch.compile(model) if cfg["compile"] and device.type == "cuda" else model
+    net, wrapped = model, None
     out_of_memory = (f"CUDA ran out of memory at batch size {cfg['batch_size']}: try --batch-size "
                      f"{max(cfg['batch_size'] // 2, 1)}")
     try:
-        need = training_memory(model, optimizer, criterion, device, cfg)
+        need = training_memory(model, optimizer, criterion, device, dict(cfg, batch_size=cfg["batch_size"] // n))
     except torch.cuda.OutOfMemoryError:
         raise UserError(out_of_memory) from None
     images, labels = place_images(data.images, data.labels, device, cfg, log, need)
     val_y = data.labels[val_idx]
     taus = threshold_grid(cfg["threshold_min"], cfg["threshold_max"], cfg["threshold_step"])
     from torch.utils.tensorboard import SummaryWriter
-    writer = SummaryWriter(str(dirs["runs"]), purge_step=start_epoch if resume else None)
+    writer = SummaryWriter(str(dirs["runs"]), purge_step=start_epoch if resume else None) if rank == 0 else None
+    save = save_checkpoint if rank == 0 else lambda *_: None        # rank 0 writes; all ranks hold the same state
     stop = StopFlag().install()
     epoch, best_seen, features = start_epoch, None, None
 
@@ -1878,6 +2003,8 @@ def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume, refit=N
                 rows_all = np.sort(np.concatenate([train_idx, val_idx]))   # one cache for every split
                 features = torch.from_numpy(cached_features(model, data, device, cfg, rows_all, log)).to(device)
             on_features = features if cached else None
+            if [p.requires_grad for p in model.parameters()] != wrapped:
+                net, wrapped = wrap_for_training(model, device, cfg), [p.requires_grad for p in model.parameters()]
             try:
                 if epoch <= cfg["head_epochs"]:
                     train_loss, seen, seconds = train_head(net, optimizer, features, labels, train_idx, val_idx,
@@ -1886,16 +2013,19 @@ def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume, refit=N
                 else:
                     train_loss, seen, seconds = train_one_epoch(
                         net, optimizer, images, labels, train_idx, device, cfg, epoch,
-                        start_step if epoch == start_epoch else 0, carry if epoch == start_epoch else None, stop,
-                        lambda step, now: save_checkpoint(last_path, state(None, step=step, carry_now=now)),
+                        start_step if epoch == start_epoch else 0, carry if epoch == start_epoch and rank == 0 else
+                        None, stop, lambda step, now: save(last_path, state(None, step=step, carry_now=now)),
                         scheduler=scheduler, criterion=criterion, ema=ema, repeat=repeat, head_only=head_only,
                         features=on_features, scaler=scaler)
+                if n > 1:
+                    same_as_rank0(model, *([ema.module] if ema else []))
                 t_val = time.time()
                 if refit:                       # nothing left to validate on: the source run's figures stand
                     val_loss, probs, report, use_ema = float("nan"), None, None, refit["weights_source"] == "ema"
                 else:
-                    val_loss, probs, report, use_ema = evaluate_both(net, ema, images, data.labels, val_idx,
-                                                                     device, cfg, taus, on_features)
+                    val_loss, probs, report, use_ema = evaluate_both(net if n == 1 else model, ema, images,
+                                                                     data.labels, val_idx, device, cfg, taus,
+                                                                     on_features)
             except torch.cuda.OutOfMemoryError:
                 on_device = " or --no-data-on-gpu" if isinstance(images, torch.Tensor) else ""
                 raise UserError(out_of_memory + on_device) from None
@@ -1904,8 +2034,12 @@ def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume, refit=N
                    "ema": int(use_ema), "images_per_s": seen / max(seconds, 1e-9),
                    "epoch_s": seconds + time.time() - t_val}
             rows.append(row)
-            if report and report["best"]["f1"] > best:
+            improved = report and report["best"]["f1"] > best      # the same on every rank: gathered validation
+            if improved:
                 best, best_seen = report["best"]["f1"], (epoch, report, probs)
+            if rank:
+                continue
+            if improved:
                 save_checkpoint(best_path, state(report, use_ema, training=False))
                 stems = [data.stems[i] for i in val_idx]
                 save_val_scores(dirs["output"] / "val_scores.npz", probs, stems, val_y, epoch)
@@ -1921,24 +2055,28 @@ def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume, refit=N
             final = state(None, use_ema, calibration=refit["thresholds"], training=False)
             final.update(val_metrics=refit["val_metrics"], best_score=refit["best_score"],
                          refit={"source_run": refit["run_id"], "source_epoch": refit["epoch"], "epochs": epoch})
-            save_checkpoint(best_path, final)
+            save(best_path, final)
             log(f"refit: {best_path} (thresholds and validation F1 {refit['val_metrics'].get('f1', float('nan')):.4f}"
                 f" of run {refit['run_id']})")
-        calibration = finish_thresholds(best_path, dirs["output"], cfg, taus, log)
-        if best_seen is not None:
+        calibration = finish_thresholds(best_path, dirs["output"], cfg, taus, log) if rank == 0 else None
+        if best_seen is not None and rank == 0:
             b_epoch, b_report, b_probs = best_seen
             log(f"best epoch {b_epoch}: F1 {best:.4f} at tau {b_report['tau']:.2f}\n{class_summary(b_report)}")
             if cfg["reports"]:
                 export_side().write_reports(dirs["output"], writer, b_epoch, b_report, b_probs, val_y, data.images,
                                             val_idx, calibration or {}, log)
     except StopRequested:
-        finish_thresholds(best_path, dirs["output"], cfg, taus, log)
+        if rank == 0:
+            finish_thresholds(best_path, dirs["output"], cfg, taus, log)
         log(f"stopped during epoch {epoch}; state saved in {last_path}\nresume with:\n"
             f"  python MS_COCO.py --resume {last_path}")
         raise SystemExit(130 if stop.signum == signal.SIGINT else 143)
     finally:
         stop.restore()
-        writer.close()
+        if writer:
+            writer.close()
+    if n > 1:
+        dist.barrier()                      # rank 0 has written best_model.pth
     best_state = load_checkpoint(best_path) if best_path.is_file() else {"threshold": 0.5, "thresholds": {}}
     return {"run_id": run_id, "best_score": best, "best_path": best_path, "last_path": last_path, "dirs": dirs,
             "threshold": best_state["threshold"], "thresholds": best_state["thresholds"]}
@@ -2032,14 +2170,19 @@ def keep_epoch_file(last_path, epoch_path, keep=-1):
 
 def main(argv=None):
     try:
-        cfg, given = parse_options(sys.modules[__name__], "Train a multi-label MS-COCO classifier.", argv)
+        join_processes()                        # under torchrun; then every rank learns any rank's bad option
+        cfg, given = together(lambda: parse_options(sys.modules[__name__], "Train a multi-label MS-COCO classifier.",
+                                                    argv))
         (run_demo if cfg["demo"] else train)(cfg, given=given)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        sys.stderr.write(f"error: {exc}\n")          # one write: ranks under torchrun do not interleave
         raise SystemExit(2)
     except KeyboardInterrupt:   # before the run was claimed (later ones are caught by StopFlag and train)
         print("interrupted before training started: nothing to resume, run the same command again", file=sys.stderr)
         raise SystemExit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
