@@ -1151,7 +1151,7 @@ def epoch_batches(rows, batch_size, seed, epoch, repeat=None, drop_last=False, w
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     if drop_last and len(batches) > 1 and len(batches[-1]) < batch_size:   # torch.compile: one shape only
         batches.pop()
-    if len(batches) > 1 and len(batches[-1]) < max(2, world):   # BatchNorm cannot train on one image; a share each
+    if len(batches) > 1 and len(batches[-1]) < 2 * world:   # BatchNorm cannot train on one image (a rank's share)
         batches[-2:] = [np.concatenate(batches[-2:])]
     return batches
 
@@ -1161,7 +1161,7 @@ def count_steps(n_rows, batch_size, drop_last=False, world=1):
     steps, last = -(-n_rows // batch_size), (n_rows - 1) % batch_size + 1
     if drop_last and steps > 1 and last < batch_size:
         steps, last = steps - 1, batch_size
-    return steps - (steps > 1 and last < max(2, world))
+    return steps - (steps > 1 and last < 2 * world)
 
 
 def autocast(device, enabled):
@@ -1874,6 +1874,8 @@ def resolve_settings(cfg, given, log):
     device = pick_device(cfg["device"])
     if device.type == "cuda" and world()[1] > 1:
         device = torch.device("cuda", torch.cuda.current_device())     # torchrun's LOCAL_RANK
+    if cfg["sync_bn"] and world()[1] > 1 and device.type != "cuda":
+        raise UserError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm runs on CUDA only): leave it out on the CPU")
     return resume, source, device
 
 

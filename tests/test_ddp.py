@@ -44,13 +44,15 @@ def weights(path):
 
 
 def test_two_processes_write_one_set_of_files_and_validate_like_one(tmp_path, tiny_source):
-    run = torchrun(tiny_argv(tmp_path, tiny_source, epochs=2))
+    # the finetune recipe's parts under DDP: a head epoch on sharded, gathered features, then EMA and ASL + sampling
+    run = torchrun(tiny_argv(tmp_path, tiny_source, epochs=3, head_epochs=1, ema_decay=0.9, loss="asl",
+                             class_balance="sampling"))
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count("epoch   2/2") == 1, run.stdout          # rank 0 alone logs
+    assert run.stdout.count("epoch   3/3") == 1 and run.stdout.count("head: ") == 1, run.stdout   # rank 0 logs
     assert sorted(p.name for p in (tmp_path / "checkpoints" / "t").iterdir() if not p.name.startswith(".")) == [
-        "best_model.pth", "epoch_001.pth", "epoch_002.pth", "last.pth"]
+        "best_model.pth", "epoch_001.pth", "epoch_002.pth", "epoch_003.pth", "last.pth"]
     rows = (tmp_path / "outputs" / "t" / "metrics.csv").read_text().splitlines()
-    assert [r.split(",")[0] for r in rows] == ["epoch", "1", "2"]
+    assert [r.split(",")[0] for r in rows] == ["epoch", "1", "2", "3"]
     assert len(list((tmp_path / "runs" / "t").glob("events.out.tfevents.*"))) == 1
     # the gathered validation equals one process scoring the saved weights on the same images
     state = MS_COCO.load_checkpoint(tmp_path / "checkpoints" / "t" / "best_model.pth")
@@ -67,8 +69,9 @@ def test_two_processes_write_one_set_of_files_and_validate_like_one(tmp_path, ti
 
 
 def test_two_processes_train_the_weights_of_one_with_the_same_global_batch(tmp_path, tiny_source):
-    # convnext_atto has no BatchNorm: per-rank batches change nothing; SGD keeps tiny float differences tiny
-    common = dict(arch="convnext_atto", optimizer="sgd", lr=0.05, epochs=2, batch_size=6, crop_scale_min=0.6)
+    # convnext_atto has no BatchNorm: per-rank batches change nothing; SGD keeps tiny float differences tiny.
+    # 39 training images: 4 batches of 8 and one of 7, shared 3 + 4 (the shares' losses weighted by their sizes)
+    common = dict(arch="convnext_atto", optimizer="sgd", lr=0.05, epochs=2, batch_size=8, crop_scale_min=0.6)
     one = one_process(tiny_argv(tmp_path / "one", tiny_source, **common))
     assert one.returncode == 0, one.stderr
     two = torchrun(tiny_argv(tmp_path / "two", tiny_source, **common))
@@ -83,7 +86,8 @@ def test_two_processes_train_the_weights_of_one_with_the_same_global_batch(tmp_p
 
 
 def test_a_batch_that_does_not_divide_and_a_bad_option_end_every_rank(tmp_path, tiny_source):
-    for bad, message in ((["--batch-size", "7"], "--batch-size 7"), (["--lr", "-1"], "--lr -1")):
+    for bad, message in ((["--batch-size", "7"], "--batch-size 7"), (["--lr", "-1"], "--lr -1"),
+                         (["--sync-bn"], "--sync-bn"), (["--epochs", "x"], "--epochs")):
         run = torchrun(tiny_argv(tmp_path, tiny_source) + bad, timeout=120)
         assert run.returncode != 0
         ours = [line for line in run.stderr.splitlines() if line.startswith("error: ")]

@@ -170,10 +170,12 @@ def test_fused_sgd_survives_a_skipped_first_step_and_a_late_first_gradient():
 
 def test_count_steps_matches_the_batches():
     for n in range(1, 40):
-        for b in (1, 2, 3, 4, 7, 16, 64):
-            for drop in (False, True):
-                assert M.count_steps(n, b, drop) == len(M.epoch_batches(np.arange(n), b, 0, 1, drop_last=drop)), \
-                    (n, b, drop)
+        for world in (1, 2, 4):                     # torchrun: every rank's share of the last batch has 2 images
+            for b in (world * k for k in (1, 2, 3, 4, 7, 16, 64)):
+                for drop in (False, True):
+                    batches = M.epoch_batches(np.arange(n), b, 0, 1, drop_last=drop, world=world)
+                    assert M.count_steps(n, b, drop, world) == len(batches), (n, b, drop, world)
+                    assert len(batches) == 1 or len(batches[-1]) >= min(2 * world, b), (n, b, drop, world)
 
 
 def test_optimizer_state_to_come_counts_only_what_is_missing():
