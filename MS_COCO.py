@@ -9,6 +9,7 @@ Sections, top to bottom, and their main functions:
     metrics        challenge_scores, sweep_thresholds, validation_report (calibration: MS_COCO_test.py)
     training       pick_device, build_optimizer, build_scheduler
     losses         AsymmetricLoss, build_criterion, repeat_factors, EMA
+    processes      torchrun: join_processes, together (errors on every rank), wrap_for_training (DDP)
     loop           epoch_batches, train_one_epoch, predict, evaluate
     checkpoints    save_checkpoint (atomic), load_checkpoint (weights_only), checkpoint_state
     logging        metrics.csv, TensorBoard, the epoch line (PNG reports: MS_COCO_test.py)
@@ -22,6 +23,7 @@ Sections, top to bottom, and their main functions:
     python MS_COCO.py --resume checkpoints/<run_id>/last.pth
     python MS_COCO.py --arch efficientnet_lite0 --recipe finetune   # fine-tuning ImageNet weights (readme: Accuracy)
     python MS_COCO.py --refit-from checkpoints/<run_id>/best_model.pth   # retrain on train + validation
+    torchrun --nproc-per-node 4 MS_COCO.py ...   # DistributedDataParallel, --batch-size global (readme: Several GPUs)
     python MS_COCO_test.py               # predictions.json from the newest run's best_model.pth
 
 How it is fast: images are decoded once into a uint8 cache at the training size (memory-mapped
@@ -31,7 +33,8 @@ device: random numbers are drawn there, losses summed there and read every CHECK
 non-finite steps skipped by the gradient scaler. The data path is the same lines on every
 device, so the CPU tests run the branch a GPU takes; only these are CUDA-only: PinnedRing
 (pinned buffers, side stream, record_stream), place_images' free-memory check and
-training_memory (allocator statistics), amp_dtype's fp16 choice, and the cudnn / channels_last / compile switches in fit.
+training_memory (allocator statistics), amp_dtype's fp16 choice, the cudnn / channels_last / compile switches
+in fit, and under torchrun NCCL, SyncBatchNorm and the choice of cuda:LOCAL_RANK (gloo runs the rest on the CPU).
 
 Measured on 2 CPU cores (readme: Speed, Accuracy); no GPU figure has been measured yet.
 """
@@ -1078,9 +1081,9 @@ def world():
 
 
 def join_processes():
-    """Under torchrun (WORLD_SIZE > 1): join its process group, NCCL for GPU tensors (the GPU of LOCAL_RANK), gloo
+    """Under torchrun (WORLD_SIZE set, even to 1): join its process group, NCCL for GPU tensors (the GPU of LOCAL_RANK), gloo
     for CPU tensors (a --device cpu run, the ranks' agreements)."""
-    if int(os.environ.get("WORLD_SIZE", 1)) == 1 or dist.is_initialized():
+    if "WORLD_SIZE" not in os.environ or dist.is_initialized():
         return
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -1092,7 +1095,7 @@ def join_processes():
 def together(fn, run=True):
     """fn() where run is true; a UserError on any rank is raised on every rank, so that none waits for one that
     stopped (each prints its one line and exits 2)."""
-    if world()[1] == 1:
+    if not dist.is_initialized():
         return fn() if run else None
     out, error, errors = None, None, [None] * world()[1]
     try:
@@ -1108,13 +1111,13 @@ def together(fn, run=True):
 def from_rank0(value):
     """Rank 0's value on every rank (the run id, whether a file is there)."""
     box = [value]
-    if world()[1] > 1:
+    if dist.is_initialized():
         dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
 def all_reduce(tensor, op=dist.ReduceOp.SUM):
-    if world()[1] > 1:
+    if dist.is_initialized():
         dist.all_reduce(tensor, op=op)
     return tensor
 
@@ -1129,7 +1132,7 @@ def same_as_rank0(*modules):
 def wrap_for_training(model, device, cfg):
     """What a training step calls: under torchrun DistributedDataParallel over the weights trainable now (it is built
     again when they change; building it copies rank 0's weights to every rank), compiled with --compile on CUDA."""
-    if world()[1] > 1:
+    if dist.is_initialized():
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     return torch.compile(model) if cfg["compile"] and device.type == "cuda" else model
 
@@ -1213,7 +1216,7 @@ def train_one_epoch(model, optimizer, images, labels, rows, device, cfg, epoch, 
     if features is not None:
         images, labels = features, to_device(labels, features.device)
     criterion, scaler = (criterion or nn.BCEWithLogitsLoss()).to(device), scaler or make_scaler(device, cfg)
-    rank, n = world() if features is None else (0, 1)
+    (rank, n), spread = (world(), dist.is_initialized()) if features is None else ((0, 1), False)
     batches = epoch_batches(rows, cfg["batch_size"], cfg["seed"], epoch, repeat, drop_last=cfg["compile"], world=n)
     shares = [(len(b) * rank // n, len(b) * (rank + 1) // n, len(b)) for b in batches]
     loss_sum, seen = (torch.tensor(float(v), device=device) for v in (carry or (0.0, 0))[:2])
@@ -1250,7 +1253,7 @@ def train_one_epoch(model, optimizer, images, labels, rows, device, cfg, epoch, 
                 loss = criterion(forward(x).float(), y)
             optimizer.zero_grad(set_to_none=True)
             # DDP averages the ranks' gradients: weighting each share's mean by its size gives the global batch's
-            scaler.scale(loss * (len(y) * n / shares[step][2]) if n > 1 else loss).backward()
+            scaler.scale(loss * (len(y) * n / shares[step][2]) if spread else loss).backward()
             scaler.step(optimizer)              # skipped on the device when a gradient is not finite
             scaler.update()
             finite = torch.isfinite(loss.detach())
@@ -1265,7 +1268,7 @@ def train_one_epoch(model, optimizer, images, labels, rows, device, cfg, epoch, 
                 torch.cuda.synchronize(device)  # compile warm-up stays out of the images/s
                 t0 = time.time()
             stopping = stop is not None and stop.signum is not None
-            if n > 1 and stop is not None:      # ranks stop at the same step, agreed at the checks
+            if spread and stop is not None:     # ranks stop at the same step, agreed at the checks
                 stopping = ((step + 1) % CHECK_EVERY == 0 or step + 1 == len(batches)) and stop.agreed(device)
             if (step + 1) % CHECK_EVERY == 0 or stopping:
                 read_back(step)
@@ -1278,7 +1281,7 @@ def train_one_epoch(model, optimizer, images, labels, rows, device, cfg, epoch, 
     finally:
         prefetch.close()
         bar.close()
-    if n > 1:
+    if spread:
         all_reduce(loss_sum), all_reduce(seen)
     return float(loss_sum) / max(float(seen), 1), int(seen), time.time() - t0
 
@@ -1325,7 +1328,7 @@ def predict(model, images_u8, device, batch_size=512, amp=True, channels_last=Tr
             p = activation(model(x).float())
             out.append((p + activation(model(x.flip(3)).float())) / 2 if tta else p)
     out = torch.cat(out).cpu().numpy() if out else np.zeros((0, NUM_CLASSES), np.float32)   # one read
-    if n > 1:
+    if dist.is_initialized():
         parts = [None] * n
         dist.all_gather_object(parts, out)
         out = np.concatenate([p for p in parts if len(p)] or [out])
@@ -1799,7 +1802,7 @@ def evaluate_both(net, ema, images, labels, val_idx, device, cfg, taus, features
 def train(cfg, log=print, given=None):
     """The whole training run, cfg updated in place to the resolved settings; returns a summary dict. Under torchrun
     every rank runs it: rank 0 alone logs, claims the run and writes, the others wait where its outcome matters."""
-    rank, n = world()
+    rank = world()[0]
     log = log if rank == 0 else lambda *_, **__: None
     resume, source, device = together(lambda: resolve_settings(cfg, given, log))
     run_id = cfg["run_id"] = from_rank0(resume["run_id"] if resume else (cfg["run_id"] or new_run_id()))
@@ -1872,9 +1875,9 @@ def resolve_settings(cfg, given, log):
         raise UserError(f"--batch-size {cfg['batch_size']} does not divide among {world()[1]} processes: pass a "
                         f"multiple of {world()[1]}")
     device = pick_device(cfg["device"])
-    if device.type == "cuda" and world()[1] > 1:
+    if device.type == "cuda" and dist.is_initialized():
         device = torch.device("cuda", torch.cuda.current_device())     # torchrun's LOCAL_RANK
-    if cfg["sync_bn"] and world()[1] > 1 and device.type != "cuda":
+    if cfg["sync_bn"] and dist.is_initialized() and device.type != "cuda":
         raise UserError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm runs on CUDA only): leave it out on the CPU")
     return resume, source, device
 
@@ -1941,7 +1944,7 @@ def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume, refit=N
     if device.type == "cuda" and cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     rank, n = world()
-    if cfg["sync_bn"] and n > 1:
+    if cfg["sync_bn"] and dist.is_initialized():
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     train_labels = data.labels[train_idx]
     if cfg["head_bias_prior"] and not resume:
@@ -2019,13 +2022,13 @@ def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume, refit=N
                         None, stop, lambda step, now: save(last_path, state(None, step=step, carry_now=now)),
                         scheduler=scheduler, criterion=criterion, ema=ema, repeat=repeat, head_only=head_only,
                         features=on_features, scaler=scaler)
-                if n > 1:
+                if dist.is_initialized():
                     same_as_rank0(model, *([ema.module] if ema else []))
                 t_val = time.time()
                 if refit:                       # nothing left to validate on: the source run's figures stand
                     val_loss, probs, report, use_ema = float("nan"), None, None, refit["weights_source"] == "ema"
                 else:
-                    val_loss, probs, report, use_ema = evaluate_both(net if n == 1 else model, ema, images,
+                    val_loss, probs, report, use_ema = evaluate_both(model if dist.is_initialized() else net, ema, images,
                                                                      data.labels, val_idx, device, cfg, taus,
                                                                      on_features)
             except torch.cuda.OutOfMemoryError:
@@ -2077,7 +2080,7 @@ def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume, refit=N
         stop.restore()
         if writer:
             writer.close()
-    if n > 1:
+    if dist.is_initialized():
         dist.barrier()                      # rank 0 has written best_model.pth
     best_state = load_checkpoint(best_path) if best_path.is_file() else {"threshold": 0.5, "thresholds": {}}
     return {"run_id": run_id, "best_score": best, "best_path": best_path, "last_path": last_path, "dirs": dirs,

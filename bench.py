@@ -46,6 +46,7 @@ import re
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -986,6 +987,17 @@ def gpu_check(args, log=print):
             expect(said in captured.getvalue(), f"the resume did not say {said!r}")
             return training_figures(dirs, "stop", 2, device, probe)
 
+        def torchrun(captured, probe):
+            # DDP through torchrun, a process per GPU (NCCL; on one GPU the DDP path with one rank), 2 on the CPU
+            nproc = torch.cuda.device_count() if device.type == "cuda" else 2
+            done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                                   str(nproc), str(Path(MS_COCO.__file__)), *common, "--run-id", "ddp", "--epochs", "2",
+                                   *(["--sync-bn"] if device.type == "cuda" else [])], capture_output=True, text=True)
+            print(done.stdout[-6000:], done.stderr[-6000:], sep="\n")
+            expect(done.returncode == 0, f"torchrun exited with {done.returncode}")
+            expect(done.stdout.count("epoch   2/2") == 1, "not one epoch line per epoch: rank 0 alone should log")
+            return dict(training_figures(dirs, "ddp", 2, device, probe), processes=nproc)
+
         def test_photos(labels=False):
             if not layout["test_images"] or labels and not layout["test_labels"]:
                 raise Skipped(f"no {'labels/test' if labels else 'images/test-resized'} in {source}")
@@ -1032,6 +1044,7 @@ def gpu_check(args, log=print):
             ("compile", training("compile", 2, ["--compile"])),
             ("timm_convnext_atto", training("timm", 2, ["--arch", "convnext_atto", "--weights", "none"],
                                             before=need_timm)),
+            ("torchrun", torchrun),
             ("stop_mid_epoch", stop),
             ("resume", resume),
             ("export", export),

@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -121,6 +120,13 @@ def test_ctrl_c_saves_once_and_one_process_resumes(tmp_path, tiny_source):
     assert resumed.returncode == 0, resumed.stderr
     rows = (tmp_path / "outputs" / "t" / "metrics.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == list(range(1, state["epoch"] + 3))
+
+
+def test_one_process_under_torchrun_takes_the_ddp_path(tmp_path, tiny_source):
+    # what the GPU check runs on a one-GPU machine: the process group, DDP and the gathers with one rank
+    run = torchrun(tiny_argv(tmp_path, tiny_source, epochs=1), nproc=1)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count("epoch   1/1") == 1 and (tmp_path / "checkpoints" / "t" / "best_model.pth").is_file()
 
 
 def test_two_machines_on_this_one(tmp_path, tiny_source):
