@@ -1081,8 +1081,8 @@ def world():
 
 
 def join_processes():
-    """Under torchrun (WORLD_SIZE set, even to 1): join its process group, NCCL for GPU tensors (the GPU of LOCAL_RANK), gloo
-    for CPU tensors (a --device cpu run, the ranks' agreements)."""
+    """Under torchrun (WORLD_SIZE set, even to 1): join its process group, NCCL for GPU tensors (the GPU of
+    LOCAL_RANK), gloo for CPU tensors (a --device cpu run, the ranks' agreements)."""
     if "WORLD_SIZE" not in os.environ or dist.is_initialized():
         return
     if torch.cuda.is_available():
@@ -1219,7 +1219,8 @@ def train_one_epoch(model, optimizer, images, labels, rows, device, cfg, epoch, 
     (rank, n), spread = (world(), dist.is_initialized()) if features is None else ((0, 1), False)
     batches = epoch_batches(rows, cfg["batch_size"], cfg["seed"], epoch, repeat, drop_last=cfg["compile"], world=n)
     shares = [(len(b) * rank // n, len(b) * (rank + 1) // n, len(b)) for b in batches]
-    loss_sum, seen = (torch.tensor(float(v), device=device) for v in (carry or (0.0, 0))[:2])
+    # a resumed epoch's loss sum and images so far: counted once (rank 0's); its bad-step run on every rank
+    loss_sum, seen = (torch.tensor(float(v), device=device) for v in (carry if carry and rank == 0 else (0.0, 0))[:2])
     flags, last_read, bad_steps = [], start_step, int(carry[2]) if carry else 0
     mean_std = normalisation(cfg["arch"])           # looked up once: a timm name costs a registry lookup
     t0 = time.time()
@@ -1231,7 +1232,8 @@ def train_one_epoch(model, optimizer, images, labels, rows, device, cfg, epoch, 
         """The one host read every CHECK_EVERY steps: warnings for skipped steps, the stop rule."""
         nonlocal flags, last_read, bad_steps
         # under torchrun a rank's non-finite loss skips the step on every rank: all count it
-        for k, bad in enumerate(all_reduce(torch.stack(flags).byte(), dist.ReduceOp.MAX).tolist() if flags else [], last_read):
+        bad_flags = all_reduce(torch.stack(flags).byte(), dist.ReduceOp.MAX).tolist() if flags else []
+        for k, bad in enumerate(bad_flags, last_read):
             bad_steps = bad_steps + 1 if bad else 0
             if bad:
                 print(f"warning: non-finite loss at epoch {epoch} step {k}: step skipped ({bad_steps} in a row)",
@@ -1627,7 +1629,7 @@ def run_demo(cfg, given=()):
 # --------------------------------------------------------------------- main
 def new_run_id():
     """A timestamp (ids sort by launch time) and a random suffix: launches in one second differ."""
-    return time.strftime("%Y%m%d-%H%M%S-", time.localtime()) + os.urandom(3).hex()
+    return time.strftime("%Y%m%d-%H%M%S-", time.localtime()) + os.urandom(4).hex()
 
 
 CLAIM_FILE = ".run-claim"        # O_EXCL-created in checkpoints/<run_id>/ by the launch that owns the run
@@ -1841,9 +1843,7 @@ def train(cfg, log=print, given=None):
         together(lambda: save_run_files(cfg, dirs, data, train_idx, val_idx, resume), run=rank == 0)
         return fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume, source)
     except (Exception, KeyboardInterrupt) as exc:
-        if rank:
-            raise
-        if not (resume or last_path.is_file()):     # nothing resumable: remove it, the same command starts it again
+        if rank == 0 and not (resume or last_path.is_file()):     # nothing resumable: removed, the command redoes it
             for d in created:
                 shutil.rmtree(d, ignore_errors=True)
             log(f"run {run_id} removed: it stopped before its first checkpoint, so nothing could be resumed; "
@@ -2018,8 +2018,8 @@ def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume, refit=N
                 else:
                     train_loss, seen, seconds = train_one_epoch(
                         net, optimizer, images, labels, train_idx, device, cfg, epoch,
-                        start_step if epoch == start_epoch else 0, carry if epoch == start_epoch and rank == 0 else
-                        None, stop, lambda step, now: save(last_path, state(None, step=step, carry_now=now)),
+                        start_step if epoch == start_epoch else 0, carry if epoch == start_epoch else None, stop,
+                        lambda step, now: save(last_path, state(None, step=step, carry_now=now)),
                         scheduler=scheduler, criterion=criterion, ema=ema, repeat=repeat, head_only=head_only,
                         features=on_features, scaler=scaler)
                 if dist.is_initialized():
@@ -2028,9 +2028,9 @@ def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume, refit=N
                 if refit:                       # nothing left to validate on: the source run's figures stand
                     val_loss, probs, report, use_ema = float("nan"), None, None, refit["weights_source"] == "ema"
                 else:
-                    val_loss, probs, report, use_ema = evaluate_both(model if dist.is_initialized() else net, ema, images,
-                                                                     data.labels, val_idx, device, cfg, taus,
-                                                                     on_features)
+                    val_loss, probs, report, use_ema = evaluate_both(    # not through DDP: shards differ in size
+                        model if dist.is_initialized() else net, ema, images, data.labels, val_idx, device, cfg, taus,
+                        on_features)
             except torch.cuda.OutOfMemoryError:
                 on_device = " or --no-data-on-gpu" if isinstance(images, torch.Tensor) else ""
                 raise UserError(out_of_memory + on_device) from None

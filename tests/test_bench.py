@@ -40,8 +40,8 @@ def test_bench_main_writes_positive_figures(tmp_path):
 
 COCO_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "coco-sample" / "ms-coco"
 GPU_CHECK_STAGES = ["default_data_on_gpu", "default_host_memory", "finetune_head_epochs", "strong", "ema_tta",
-                    "fp16_forced", "sgd_head_epochs", "compile", "timm_convnext_atto", "torchrun", "stop_mid_epoch", "resume",
-                    "export", "ensemble", "score", "bench"]
+                    "fp16_forced", "sgd_head_epochs", "compile", "timm_convnext_atto", "torchrun", "stop_mid_epoch",
+                    "resume", "export", "ensemble", "score", "bench"]
 
 
 def files_mib(folder):
@@ -98,7 +98,8 @@ def test_gpu_check_runs_end_to_end_at_tiny_scale(tmp_path):
     assert not not_ok and r["failed"] == [] and code == 0, not_ok
     s = r["stages"]
     trained = [e for e in s.values() if "epochs" in e]            # the 10 training stages and the resume
-    assert s["torchrun"]["processes"] == 2 and len(trained) == 11 and all([row["epoch"] for row in e["epochs"]] == [1, 2] for e in trained)
+    assert s["torchrun"]["processes"] == 2 and len(trained) == 11
+    assert all([row["epoch"] for row in e["epochs"]] == [1, 2] for e in trained)
     assert s["stop_mid_epoch"]["saved_epoch"] == 2 and s["stop_mid_epoch"]["saved_step"] > 0
     assert s["export"]["images"] == s["ensemble"]["images"] == sample["test"]["images"]
     assert 0 <= s["score"]["f1"] <= 1 and 0 <= s["ensemble"]["f1"] <= 1
