@@ -155,13 +155,16 @@ RECIPES = {
     "default": {},
     # The best bundle of the synthetic ablation (readme, Accuracy); EMA, TTA stay switches: no gain on top.
     "strong": dict(loss="asl", class_balance="sampling"),
-    # A linear probe first (no backbone update through a random head); AdamW, the head at 1e-3 and the pretrained
-    # layers (good already) at 1e-4, light decay (ImageNet features are a strong prior); warm-up once the backbone
-    # is unfrozen, then a cosine decay; averaged weights (steadier picks on a small split); the long tail's best
-    # bundle of the synthetic ablation; 0.5 crops small (rare) objects out; longer mostly overfits.
-    "finetune": dict(head_epochs=1, optimizer="adamw", lr=1e-3, backbone_lr_scale=0.1, weight_decay=1e-4,
-                     schedule="cosine", warmup_epochs=1.0, ema_decay=0.998, loss="asl", class_balance="sampling",
-                     crop_scale_min=0.7, epochs=30),
+    "finetune": dict(
+        head_epochs=1,                          # a linear probe first: no backbone update through a random head
+        optimizer="adamw", lr=1e-3,             # decoupled weight decay, the usual choice; the head's rate ...
+        backbone_lr_scale=0.1,                  # ... and 1e-4 for the pretrained layers: they are good already
+        weight_decay=1e-4,                      # light: ImageNet features are a strong prior
+        schedule="cosine", warmup_epochs=1.0,   # warm-up once the backbone is unfrozen, then a smooth decay
+        ema_decay=0.998,                        # averaged weights: steadier validation picks on a small split
+        loss="asl", class_balance="sampling",   # the long tail: best bundle of the synthetic ablation
+        crop_scale_min=0.7, epochs=30,          # 0.5 crops small (rare) objects out; longer mostly overfits
+    ),
 }
 
 # The demo's recipe: small images and no download, so it fits ~2 minutes on 2 CPU cores.
