@@ -1281,6 +1281,8 @@ def train_one_epoch(model, optimizer, images, labels, rows, device, cfg, epoch, 
             bar.update(1)
             if stopping:
                 on_stop(step + 1, (float(all_reduce(loss_sum)), int(all_reduce(seen)), bad_steps))
+                if spread:
+                    dist.barrier()              # no rank exits (and has torchrun stop the rest) before rank 0 saved
                 raise StopRequested
         read_back(len(batches))
     finally:

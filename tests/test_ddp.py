@@ -4,10 +4,12 @@ rank, two "machines" on this one. Each test launches real processes: a hang fail
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,6 +122,32 @@ def test_ctrl_c_saves_once_and_one_process_resumes(tmp_path, tiny_source):
     assert resumed.returncode == 0, resumed.stderr
     rows = (tmp_path / "outputs" / "t" / "metrics.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == list(range(1, state["epoch"] + 3))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the workers through /proc (Linux)")
+def test_sigterm_to_every_rank_saves_once_and_each_rank_exits_143(tmp_path, tiny_source):
+    # as a cluster scheduler stops a job: SIGTERM to each worker, at about the same time
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend",
+                             "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", SCRIPT,
+                             *tiny_argv(tmp_path, tiny_source, epochs=40)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    out = []
+    try:
+        for line in proc.stdout:
+            out.append(line)
+            if line.startswith("epoch   2/40"):
+                workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+                for pid in workers:
+                    os.kill(int(pid), signal.SIGTERM)
+                break
+        out.append(proc.communicate(timeout=120)[0])
+    finally:
+        proc.kill()
+    text = "".join(out)
+    assert len(workers) == 2 and text.count("state saved in") == 1, text
+    assert len(re.findall(r"exitcode\s*: 143", text)) == 2, text             # torchrun's report of both ranks
+    state = torch.load(tmp_path / "checkpoints" / "t" / "last.pth", map_location="cpu", weights_only=True)
+    assert 2 <= state["epoch"] < 40
 
 
 def test_one_process_under_torchrun_takes_the_ddp_path(tmp_path, tiny_source):
