@@ -1197,6 +1197,12 @@ class StopFlag:
         for s, h in self.previous.items():
             signal.signal(s, h)
 
+    def settle(self):
+        """The stop is decided and saved: a later SIGINT/SIGTERM (torchrun's to the others once a rank exited) is
+        ignored, not a second Ctrl-C."""
+        self.previous = dict.fromkeys(self.previous, signal.SIG_IGN)
+        self.restore()
+
     def agreed(self, device):
         """Whether any rank was asked to stop (each is signalled at its own step); every rank learns the signal."""
         self.signum = int(all_reduce(torch.tensor(self.signum or 0, device=device), dist.ReduceOp.MAX)) or None
@@ -1281,8 +1287,6 @@ def train_one_epoch(model, optimizer, images, labels, rows, device, cfg, epoch, 
             bar.update(1)
             if stopping:
                 on_stop(step + 1, (float(all_reduce(loss_sum)), int(all_reduce(seen)), bad_steps))
-                if spread:
-                    dist.barrier()              # no rank exits (and has torchrun stop the rest) before rank 0 saved
                 raise StopRequested
         read_back(len(batches))
     finally:
@@ -2080,6 +2084,9 @@ def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume, refit=N
             finish_thresholds(best_path, dirs["output"], cfg, taus, log)
         log(f"stopped during epoch {epoch}; state saved in {last_path}\nresume with:\n"
             f"  python MS_COCO.py --resume {last_path}")
+        if dist.is_initialized():
+            stop.settle()
+            dist.barrier()                      # no rank exits, and has torchrun stop the others, before rank 0 is done
         raise SystemExit(130 if stop.signum == signal.SIGINT else 143)
     finally:
         stop.restore()
