@@ -981,8 +981,9 @@ def build_optimizer(cfg, model):
                                   fused=True, **sgd)
     # Fused SGD's first step fills the momentum from uninitialised memory (junk kept when the scaler skips that
     # step) and fails on a parameter whose first gradient comes later (--head-epochs): zero buffers for all.
-    for p in (p for g in opt.param_groups for p in g["params"] if sgd):
-        opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    if sgd:
+        for p in (p for g in opt.param_groups for p in g["params"]):
+            opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
     return opt
 
 
@@ -1818,7 +1819,7 @@ def train(cfg, log=print, given=None):
     resume, source, device = together(lambda: resolve_settings(cfg, given, log))
     run_id = cfg["run_id"] = from_rank0(resume["run_id"] if resume else (cfg["run_id"] or new_run_id()))
     dirs = run_dirs(cfg, run_id)
-    together(lambda: resume or check_new_run(dirs, run_id), run=rank == 0)
+    together(lambda: check_new_run(dirs, run_id), run=rank == 0 and not resume)
     torch.manual_seed(cfg["seed"])
     model = build_model(cfg["arch"], "none" if resume else cfg["weights"], NUM_CLASSES, cfg["freeze"])
     check_input_size(model, cfg["image_size"])

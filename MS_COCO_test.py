@@ -52,14 +52,14 @@ THRESHOLD_VALUE = 0.0                       # fixed global threshold in (0, 1) i
 # --ckpt/--ckpt-path (several values), --tta/--no-tta and --amp/--no-amp are added in
 # parse_config: a list and two "follow each checkpoint unless forced" switches are not constants.
 
-THRESHOLD_OPTIONS = ("global", "per_class")
+# training's --thresholds choices, one list for both scripts (no trailing comment: not an option of this one)
+THRESHOLD_OPTIONS = M.CHOICES["thresholds"]
 CHOICES = {"thresholds": ("",) + THRESHOLD_OPTIONS}
 RANGES = {"batch_size": "[1, 65536]", "loader_threads": "[0, 4096]", "threshold_value": "[0, 1)"}
 # What a checkpoint holds besides its description: an ensemble keeps only the description of
 # each run and loads the weights again when that model's turn comes (one model in memory).
 WEIGHT_KEYS = ("model", "raw_model", "ema", "optimizer", "scheduler", "torch_rng", "metrics")
 FIXED_THRESHOLD_HINT = "or pass --threshold-value T (a fixed global threshold, e.g. 0.3) to export them anyway"
-
 
 
 # -------------------------------------------------------------- calibration

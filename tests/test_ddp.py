@@ -98,7 +98,7 @@ def test_a_batch_that_does_not_divide_and_a_bad_option_end_every_rank(tmp_path, 
 
 
 def test_ctrl_c_saves_once_and_one_process_resumes(tmp_path, tiny_source):
-    args = tiny_argv(tmp_path, tiny_source, epochs=40)
+    args = tiny_argv(tmp_path, tiny_source, epochs=40, keep_epochs=1)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
            "--rdzv-endpoint", f"127.0.0.1:{free_port()}", SCRIPT, *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
@@ -129,7 +129,7 @@ def test_sigterm_to_every_rank_saves_once_and_each_rank_exits_143(tmp_path, tiny
     # as a cluster scheduler stops a job: SIGTERM to each worker, at about the same time
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend",
                              "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", SCRIPT,
-                             *tiny_argv(tmp_path, tiny_source, epochs=40)],
+                             *tiny_argv(tmp_path, tiny_source, epochs=40, keep_epochs=1)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
     out = []
     try:
