@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import MS_COCO
-from conftest import ROOT, tiny_argv
+from conftest import ROOT, tiny_argv, written
 
 SCRIPT = str(ROOT / "MS_COCO.py")
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -95,6 +95,7 @@ def test_a_batch_that_does_not_divide_and_a_bad_option_end_every_rank(tmp_path, 
         assert len(ours) == 2 and all(message in line for line in ours), run.stderr
         assert 'MS_COCO.py", line' not in run.stderr, run.stderr     # no traceback of ours (torchrun prints its own)
         assert run.stderr.count("exitcode  : 2") + run.stderr.count("exitcode: 2") >= 1, run.stderr
+        assert not written(tmp_path), written(tmp_path)                  # refused before any folder was made
 
 
 def test_ctrl_c_saves_once_and_one_process_resumes(tmp_path, tiny_source):
