@@ -38,7 +38,7 @@ WEIGHTS = "none"                       # imagenet | none | path (the demo has no
 DEVICE = "auto"                        # auto | cpu | cuda
 ARCH = "resnet18"                      # backbone
 CACHE_DIR = ""                         # image and feature cache ("" = MS_COCO.py's choice)
-PRESET = "synthetic"                   # synthetic (the demo's shapes, above) | real (REAL below: ImageNet Lite0 on real photos)
+PRESET = "synthetic"                   # synthetic (the demo's shapes, above) | real (REAL below: ImageNet Lite0 on real photos) | oneout (ONEOUT below: the finetune recipe, one component at a time)
 
 # What each variant changes relative to the default recipe.
 VARIANT_OPTIONS = {
@@ -79,6 +79,23 @@ VARIANT_OPTIONS.update({
     "default-128": dict(image_size=128, epochs=2),
     "default-128-5ep": dict(image_size=128, epochs=5),        # ... and at the finetune runs' wall time
 })
+# --preset oneout: the finetune recipe on REAL's photos and budget, and the recipe with each component
+# replaced by its plain alternative (one out at a time), plus mirrored test-time augmentation on top.
+FINETUNE = VARIANT_OPTIONS["finetune"]
+VARIANT_OPTIONS.update({
+    "ft-no-head-phase": dict(FINETUNE, head_epochs=0),
+    "ft-adam": dict(FINETUNE, optimizer="adam"),
+    "ft-backbone-lr-x1": dict(FINETUNE, backbone_lr_scale=1.0),
+    "ft-no-weight-decay": dict(FINETUNE, weight_decay=0.0),
+    "ft-step-schedule": dict(FINETUNE, schedule="step", warmup_epochs=0.0),
+    "ft-no-ema": dict(FINETUNE, ema_decay=0.0),
+    "ft-bce-no-sampling": dict(FINETUNE, loss="bce", class_balance="none"),
+    "ft-crop0.5": dict(FINETUNE, crop_scale_min=0.5),
+    "ft+tta": dict(FINETUNE, tta=True),
+})
+ONEOUT = dict(REAL, variants="finetune,ft-no-head-phase,ft-adam,ft-backbone-lr-x1,ft-no-weight-decay,ft-step-schedule,"
+                             "ft-no-ema,ft-bce-no-sampling,ft-crop0.5,ft+tta")
+PRESETS = {"real": REAL, "oneout": ONEOUT}
 
 
 def parse_args(argv=None):
@@ -178,9 +195,9 @@ def table(runs, args):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args["preset"] == "real":
+    if args["preset"] in PRESETS:
         given = M.parse_options(sys.modules[__name__], "", argv)[1]
-        args.update({k: v for k, v in REAL.items() if k not in given})
+        args.update({k: v for k, v in PRESETS[args["preset"]].items() if k not in given})
     out_dir = Path(args["out_dir"])
     if args["data_dir"] == DATA_DIR and not (Path(DATA_DIR) / "labels" / "train").is_dir():
         M.make_demo_dataset(DATA_DIR)
