@@ -6,49 +6,45 @@ Sections, top to bottom, and their main functions:
     data           load_train_set (uint8 image cache, labels), make_split
     augmentation   augment_batch (crop + flip on the device), BatchPrefetcher, PinnedRing
     model          build_model (torchvision or timm), stages / apply_freeze, init_head_bias
-    metrics        challenge_scores, sweep_thresholds, validation_report (calibration: MS_COCO_test.py)
+    metrics        challenge_scores, sweep_thresholds, validation_report, calibrate_thresholds (the export's)
     training       pick_device, build_optimizer, build_scheduler
-    losses         AsymmetricLoss, build_criterion, repeat_factors, EMA
-    processes      torchrun: join_processes, together (errors on every rank), wrap_for_training (DDP)
-    loop           epoch_batches, train_one_epoch, predict, evaluate
-    checkpoints    save_checkpoint (atomic), load_checkpoint (weights_only), checkpoint_state
-    logging        metrics.csv, TensorBoard, the epoch line (PNG reports: MS_COCO_test.py)
+    losses         AsymmetricLoss, build_criterion, repeat_factors, build_ema (timm's ModelEmaV3)
+    processes      torchrun: join_processes (--dist-timeout), together (errors on every rank), wrap_for_training
+    loop           train_one_epoch (the device-side step), predict, evaluate, StopFlag
+    checkpoints    atomic_write_bytes, load_checkpoint (weights_only), RunState (state_dict = the checkpoint)
+    logging        metrics.csv, TensorBoard, the epoch line, write_reports (PNG)
+    runs           claim_run (an OS lock), train -> start_run -> fit: per epoch train_epoch, validate_epoch,
+                   save_epoch, the epoch line; then finish_run (thresholds, reports)
     demo           make_demo_dataset, run_demo
-    main           train (claim the run, split) -> fit (the epochs; train_head for the probe)
-                   -> finish_thresholds; main
+    main           main, rank_failed
 
     python MS_COCO.py --demo             # no data, no download: builds demo-data/, trains ~2 min on CPU, exports
     python MS_COCO.py                    # the real run on ms-coco/ (ResNet-18, ImageNet, 100 epochs)
     python MS_COCO.py --help             # every constant below, overridable as --name-with-dashes
     python MS_COCO.py --resume checkpoints/<run_id>/last.pth
-    python MS_COCO.py --arch efficientnet_lite0 --recipe finetune   # fine-tuning ImageNet weights (readme: Accuracy)
+    python MS_COCO.py --arch efficientnet_lite0 --recipe finetune   # fine-tuning ImageNet weights (docs/results.md)
     python MS_COCO.py --refit-from checkpoints/<run_id>/best_model.pth   # retrain on train + validation
-    torchrun --nproc-per-node 4 MS_COCO.py ...   # DistributedDataParallel, --batch-size global (readme: Several GPUs)
+    torchrun --nproc-per-node 4 MS_COCO.py ...   # DistributedDataParallel, --batch-size global (docs/distributed.md)
     python MS_COCO_test.py               # predictions.json from the newest run's best_model.pth
 
-How it is fast: images are decoded once into a uint8 cache at the training size (memory-mapped
-on later launches) and kept as one tensor on the device where they fit; batches are gathered
-there and cropped, flipped and normalised in one batched op. The step never waits for the
-device: random numbers are drawn there, losses summed there and read every CHECK_EVERY steps,
-non-finite steps skipped by the gradient scaler. The data path is the same lines on every
-device, so the CPU tests run the branch a GPU takes; only these are CUDA-only: PinnedRing
-(pinned buffers, side stream, record_stream), place_images' free-memory check and
-training_memory (allocator statistics), amp_dtype's fp16 choice, the cudnn / channels_last / compile switches
-in fit, and under torchrun NCCL, SyncBatchNorm and the choice of cuda:LOCAL_RANK (gloo runs the rest on the CPU).
-
-Measured on 2 CPU cores (readme: Speed, Accuracy); no GPU figure has been measured yet.
+Fast: images decoded once into a uint8 cache (memory-mapped later), kept on the device where they fit, cropped,
+flipped and normalised there in one batched op; the step never waits for the device (losses read every CHECK_EVERY
+steps). The CPU tests run the GPU's branch; CUDA-only: PinnedRing, place_images' and training_memory's memory
+checks, amp_dtype's fp16, the cudnn / channels_last / compile switches, NCCL and SyncBatchNorm under torchrun.
+Figures: docs/performance.md, docs/results.md (2 CPU cores; none measured on a GPU yet).
 """
 
 import argparse
+import contextlib
 import csv
 import errno
 import functools
 import hashlib
+import importlib
 import inspect
 import json
 import math
 import os
-import platform
 import queue
 import re
 import shutil
@@ -59,7 +55,8 @@ import time
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -101,8 +98,8 @@ CLASS_BALANCE = "none"          # none | sampling (repeat-factor sampling: image
 SAMPLING_THRESHOLD = 0.05       # sampling: images of classes rarer than this share are repeated sqrt(t/f) times
 EMA_DECAY = 0.0                 # moving average of the weights per step (0 = off, e.g. 0.998); better of EMA/raw kept
 TTA = False                     # also score the horizontally flipped image, at validation and export
-THRESHOLDS = "per_class"        # per_class (CV-shrunk toward tau*) | global; readme: Accuracy
-RECIPE = "default"              # default (the product recipe above) | strong (RECIPES below; given options win)
+THRESHOLDS = "per_class"        # per_class (one per class, cross-validated pull toward tau*) | global (tau* for all)
+RECIPE = "default"              # a bundle of options (options given on the command line win):
 REPORTS = True                  # PNG reports of the best epoch in outputs/<run_id>/ and TensorBoard
 VAL_FRACTION = 0.15             # share of the labelled images held out for validation
 SEED = 0                        # split, initialisation, batch order and augmentation all follow it
@@ -113,6 +110,7 @@ DEVICE = "auto"                 # auto (cuda when present) | cpu | cuda | cuda:1
 AMP = True                      # bf16 autocast on CUDA (ignored on CPU)
 CHANNELS_LAST = True            # channels_last memory format on CUDA (ignored on CPU)
 COMPILE = False                 # torch.compile the model on CUDA (first epoch slower)
+DIST_TIMEOUT = 10.0              # torchrun: minutes a rank waits for the others before the job ends (a hung rank)
 SYNC_BN = False                 # torchrun on GPUs: BatchNorm statistics over the global batch (small per-GPU batches)
 DATA_ON_GPU = True              # keep the whole uint8 training set on the GPU when it fits with room to spare
 LOADER_THREADS = 0              # decode threads (0 = one per core)
@@ -153,7 +151,7 @@ HEAD_MAX_PASSES = 200
 # Option bundles for --recipe; options given on the command line win over them.
 RECIPES = {
     "default": {},
-    # The best bundle of the synthetic ablation (readme, Accuracy); EMA, TTA stay switches: no gain on top.
+    # The best bundle of the synthetic ablation (docs/results.md); EMA, TTA stay switches: no gain on top.
     "strong": dict(loss="asl", class_balance="sampling"),
     "finetune": dict(
         head_epochs=1,                          # a linear probe first: no backbone update through a random head
@@ -185,6 +183,7 @@ RANGES = {
     "head_patience": "[1, 1000]", "backbone_lr_scale": ">= 0", "val_fraction": "(0, 1)", "seed": "[0, 4294967295]",
     "threshold_min": "(0, 1)", "threshold_max": "(0, 1)", "threshold_step": "(0, 1)", "loader_threads": "[0, 4096]",
     "max_images": "[0, 1e9]", "max_bad_fraction": "[0, 1]", "max_bad_steps": "[1, 1e6]", "keep_epochs": "[-1, 100000]",
+    "dist_timeout": "> 0",
 }
 
 
@@ -202,7 +201,7 @@ def module_constants(module):
 
 def default_config():
     """The constants above as a plain dict with lower-case keys."""
-    return {k: v for k, (v, _) in module_constants(sys.modules[__name__]).items()}
+    return {k: v for k, (v, _) in module_constants(importlib.import_module(__name__)).items()}
 
 
 def parse_options(module, description, argv=None, add_arguments=None):
@@ -216,6 +215,7 @@ def parse_options(module, description, argv=None, add_arguments=None):
     parser.error = error
     constants, choices = module_constants(module), getattr(module, "CHOICES", {})
     for key, (value, text) in constants.items():
+        text += " " + "; ".join(f"{k}: {recipe_text(v)}" for k, v in module.RECIPES.items()) if key == "recipe" else ""
         flag, text = "--" + key.replace("_", "-"), f"{text} (default: {value!r})".replace("%", "%%")
         if isinstance(value, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
@@ -226,6 +226,10 @@ def parse_options(module, description, argv=None, add_arguments=None):
     given = vars(parser.parse_args(argv))
     cfg = {k: v for k, (v, _) in constants.items()} | given
     return validate_options(cfg, getattr(module, "RANGES", {}), choices), set(given)
+
+
+def recipe_text(options):
+    return ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in options.items()) or "every option at its default"
 
 
 def validate_options(cfg, ranges, choices=None):
@@ -264,7 +268,8 @@ def check_device_name(name):
 # Which options a resume may change; everything else is the run's own (its split, model and
 # recipe stay). batch size, lr and amp are here because our own error messages suggest them.
 RESUMABLE = ("epochs", "device", "sync_bn", "loader_threads", "compile", "data_on_gpu", "keep_epochs", "data_dir",
-             "cache_dir", "cache", "batch_size", "lr", "amp", "max_bad_steps", "reports", "channels_last")
+             "cache_dir", "cache", "batch_size", "lr", "amp", "max_bad_steps", "reports", "channels_last",
+             "dist_timeout")
 
 
 def merge_settings(cfg, given, run_config=None, log=print):
@@ -497,6 +502,9 @@ def build_cache(cache_dir, tag, key, paths, stems, size, threads):
         for stale in cache_dir.glob(f".{tag}.*.tmp.npy"):
             if time.time() - stale.stat().st_mtime > 3600:    # an hour old: a killed launch's, not a concurrent build
                 stale.unlink(missing_ok=True)
+        if (free := shutil.disk_usage(cache_dir).free) < (need := len(paths) * 3 * size * size) + 2 ** 20:
+            raise OSError(errno.ENOSPC, f"the disk is full: it needs {need / 2**20:.0f} MiB, {free / 2**20:.0f} MiB "
+                                        f"are free")   # checked first: a memory map's write to a full disk is a SIGBUS
         arr = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(paths), 3, size, size))
         arr, bad = decode_all(paths, size, out=arr, threads=threads, desc=f"cache {tag}")
         arr.flush()
@@ -752,6 +760,8 @@ def build_model(arch=ARCH, weights=WEIGHTS, num_classes=NUM_CLASSES, freeze=FREE
             model.load_state_dict(load_imagenet_state(arch))
     else:
         import timm
+        if imagenet and arch not in LITE_ARCHS:
+            hub_offline_unless_reachable()
         try:
             model = timm.create_model(name, pretrained=imagenet and arch not in LITE_ARCHS)
         except OSError as exc:                                   # no network, no cached copy
@@ -766,6 +776,19 @@ def build_model(arch=ARCH, weights=WEIGHTS, num_classes=NUM_CLASSES, freeze=FREE
         load_weights_file(model, weights, arch)
     apply_freeze(model, freeze)
     return model
+
+
+def hub_offline_unless_reachable(seconds=3.0):
+    """huggingface_hub's offline mode when its server does not answer within seconds: timm then reads its local
+    cache and fails at once when the weights are not there, instead of after a minute of retries."""
+    import socket
+    from urllib.parse import urlparse
+    from huggingface_hub import constants
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            socket.create_connection((urlparse(constants.ENDPOINT).hostname, 443), timeout=seconds).close()
+        except OSError:
+            constants.HF_HUB_OFFLINE = True
 
 
 def load_weights_file(model, path, arch):
@@ -944,6 +967,92 @@ def validation_report(y_true, probs, taus):
             "half": challenge_scores(y_true, binarize(probs, 0.5)), "sweep": sweep}
 
 
+# Calibration: the export's thresholds, fitted once at the end of training (finish_thresholds) and by
+# MS_COCO_test.py anew for ensembles.
+def fit_class_thresholds(y_true, probs, taus, start_tau, rounds=10):
+    """Per-class thresholds that maximise the challenge F1 jointly (P and R are averaged over classes first, so
+    each class's best cut-off depends on the others): coordinate ascent from tau* until nothing improves."""
+    taus = np.asarray(taus, np.float64)
+    prec, rec, w = class_rates(y_true, probs, taus)
+    idx = np.full(prec.shape[1], int(np.argmin(np.abs(taus - start_tau))))
+    cols = np.arange(prec.shape[1])
+    P, R = (prec[idx, cols] * w).sum(), (rec[idx, cols] * w).sum()
+    for _ in range(rounds):
+        moved = False
+        for c in np.flatnonzero(w > 0):
+            P_c = P - w[c] * prec[idx[c], c] + w[c] * prec[:, c]
+            R_c = R - w[c] * rec[idx[c], c] + w[c] * rec[:, c]
+            f = harmonic(P_c, R_c)
+            best = int(np.argmax(f))
+            if f[best] > f[idx[c]] + 1e-12:
+                idx[c], moved = best, True
+            P, R = P_c[idx[c]], R_c[idx[c]]
+        if not moved:
+            break
+    return np.where(w > 0, taus[idx], start_tau)
+
+
+def shrink_thresholds(class_taus, global_tau, positives, strength):
+    """Each class's threshold pulled toward the global one, the more the fewer its validation positives:
+    (n * tau_c + k * tau) / (n + k); strength k = inf: the global one."""
+    if np.isinf(strength):
+        return np.full(len(class_taus), float(global_tau))
+    n = np.asarray(positives, np.float64)
+    pulled = (n * class_taus + strength * global_tau) / np.maximum(n + strength, 1e-12)
+    return np.round(np.where(n + strength > 0, pulled, global_tau), 6)   # no positives: the global one
+
+
+SHRINK_STRENGTHS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, float("inf"))   # pulls toward tau*, chosen by CV
+
+
+def option_thresholds(name, tau, per_class):
+    return per_class if name == "per_class" else tau
+
+
+def folds_of(n, k, seed):
+    order = np.random.default_rng(seed).permutation(n)
+    return [np.sort(order[i::k]) for i in range(k)]
+
+
+def fit_thresholds(y, probs, taus, strength=None, folds=4, seed=0):
+    """Global tau* and shrunk per-class thresholds, the strength chosen by cross-validation unless given."""
+    tau = best_threshold(sweep_thresholds(y, probs, taus))[0]
+    if strength is None:
+        scores = {k: np.zeros_like(y, bool) for k in SHRINK_STRENGTHS}
+        for held in folds_of(len(y), folds, seed):
+            fit = np.setdiff1d(np.arange(len(y)), held)
+            t_fit = best_threshold(sweep_thresholds(y[fit], probs[fit], taus))[0]
+            raw = fit_class_thresholds(y[fit], probs[fit], taus, t_fit)
+            for k in SHRINK_STRENGTHS:
+                scores[k][held] = binarize(probs[held], shrink_thresholds(raw, t_fit, y[fit].sum(0), k))
+        cv = {k: challenge_scores(y, pred)["f1"] for k, pred in scores.items()}
+        strength = max(SHRINK_STRENGTHS, key=lambda k: (cv[k], k))     # ties: the stronger pull
+    per_class = shrink_thresholds(fit_class_thresholds(y, probs, taus, tau), tau, y.sum(0), strength)
+    return tau, per_class, strength
+
+
+def calibrate_thresholds(y, probs, taus, mode=THRESHOLDS, folds=5, seed=0, repeats=3):
+    """The export's thresholds (mode: a CHOICES["thresholds"] name) and each option's held-out F1: fitted on 4/5 of
+    validation, scored on the other fifth, averaged over `repeats` splits (one is noisy on a small set)."""
+    y, probs = np.asarray(y, bool), np.asarray(probs, np.float64)
+    heldout = dict.fromkeys(CHOICES["thresholds"], 0.0)
+    for r in range(repeats):
+        oof = {name: np.zeros_like(y, bool) for name in CHOICES["thresholds"]}
+        for held in folds_of(len(y), folds, seed + r):
+            fit = np.setdiff1d(np.arange(len(y)), held)
+            tau, per_class, _ = fit_thresholds(y[fit], probs[fit], taus, seed=seed + r)
+            for name in CHOICES["thresholds"]:
+                oof[name][held] = binarize(probs[held], option_thresholds(name, tau, per_class))
+        for name, pred in oof.items():
+            heldout[name] += challenge_scores(y, pred)["f1"] / repeats
+    chosen = "global" if mode.startswith("global") else "per_class"   # an older run's +top1 or auto: the nearest
+    tau, per_class, strength = fit_thresholds(y, probs, taus, seed=seed)
+    per_class = [float(t) for t in per_class]
+    return {"chosen": chosen, "threshold": option_thresholds(chosen, float(tau), per_class),
+            "global_tau": float(tau), "per_class": per_class, "strength": strength,
+            "heldout_f1": heldout, "folds": folds, "repeats": repeats}
+
+
 # ----------------------------------------------------------------- training
 def pick_device(name):
     """--device as a torch.device, refused in one line where this machine lacks it."""
@@ -1041,41 +1150,29 @@ def repeat_factors(train_labels, threshold):
     return np.where(y, per_class[None, :], 1.0).max(1)
 
 
-class EMA:
-    """An exponential moving average of the weights and BatchNorm buffers, one torch._foreach_lerp_
-    on the device per step (no host read); the decay warms up as min(decay, (1 + n) / (10 + n))."""
-
-    def __init__(self, model, decay):
-        import copy
-        self.module = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
-        self.decay, self.n, self.pairs = decay, 0, None
-
-    @torch.no_grad()
-    def update_parameters(self, model):
-        if self.pairs is None:      # state_dict tensors share storage: collected once, not per step
-            mine, theirs = self.module.state_dict(), unwrap(model).state_dict()
-            self.pairs = {kind: ([mine[k] for k in mine if mine[k].is_floating_point() == kind],
-                                 [theirs[k].detach() for k in mine if mine[k].is_floating_point() == kind])
-                          for kind in (True, False)}
-        d = min(self.decay, (1 + self.n) / (10 + self.n))
-        torch._foreach_lerp_(*self.pairs[True], 1 - d)
-        for ema_t, model_t in zip(*self.pairs[False]):  # integer buffers (BatchNorm's batch count)
-            ema_t.copy_(model_t)
-        self.n += 1
-
-    def state_dict(self):
-        return {"module": self.module.state_dict(), "n": self.n}
-
-    def load_state_dict(self, state):
-        self.module.load_state_dict(state["module"])
-        self.n = int(state["n"])
-
-
 def build_ema(model, cfg):
-    return EMA(model, cfg["ema_decay"]) if cfg["ema_decay"] else None
+    """timm's ModelEmaV3 (weights and buffers, one foreach lerp on the device a step: no host read) with the
+    decay warmed up as min(decay, (1 + n) / (10 + n)) over its n updates, so early averages follow the weights."""
+    if not cfg["ema_decay"]:
+        return None
+    from timm.utils import ModelEmaV3
+
+    class EMA(ModelEmaV3):
+        updates = 0
+
+        def get_decay(self, step=None):
+            return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
+        def update_parameters(self, model):
+            self.update(unwrap(model))
+            self.updates += 1
+
+    ema = EMA(unwrap(model), cfg["ema_decay"])
+    ema.module.requires_grad_(False)
+    return ema
 
 
-# --------------------------------------------------------- processes (torchrun)
+# ---------------------------------------------------------------- processes
 PROGRESS = dict(disable=None, leave=False)      # tqdm's settings: off on ranks other than 0
 
 
@@ -1084,21 +1181,62 @@ def world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def join_processes():
+def join_processes(timeout_minutes=None):
     """Under torchrun (WORLD_SIZE set, even to 1): join its process group, NCCL for GPU tensors (the GPU of
-    LOCAL_RANK), gloo for CPU tensors (a --device cpu run, the ranks' agreements)."""
+    LOCAL_RANK), gloo for CPU tensors (a --device cpu run, the ranks' agreements), each collective given
+    --dist-timeout; and a gloo group without one, for ranks waiting while another builds the image cache."""
     if "WORLD_SIZE" not in os.environ or dist.is_initialized():
         return
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    minutes = timedelta(minutes=timeout_minutes or DIST_TIMEOUT)
+    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo", timeout=minutes)
+    PATIENT[:] = [dist.new_group(backend="gloo", timeout=timedelta(days=7))]
     if dist.get_rank():
         PROGRESS["disable"] = True
+    start_heartbeat()
 
 
-def together(fn, run=True):
+PATIENT, HEARTBEAT = [], []        # the group without a timeout; (store, key prefix) of the ranks' time stamps
+
+
+def start_heartbeat(every=5.0):
+    """A thread stamping this rank's time in torchrun's store every few seconds: a stopped or frozen process stops
+    stamping, one waiting in a collective goes on, so a timeout can name the silent rank."""
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=timedelta(seconds=10))
+    except (KeyError, ValueError, RuntimeError):
+        return
+    HEARTBEAT[:] = [store, f"ms-coco/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}/alive/", every]
+
+    def beat(key=HEARTBEAT[1] + str(dist.get_rank())):
+        while True:
+            try:
+                store.set(key, repr(time.time()))
+            except RuntimeError:                    # the store is gone: the job is ending
+                return
+            time.sleep(every)
+    threading.Thread(target=beat, daemon=True).start()
+
+
+def silent_ranks():
+    """The ranks whose time stamp is older than three beats (all of them unknown without a store)."""
+    if not HEARTBEAT:
+        return []
+    (store, key, every), now, silent = HEARTBEAT, time.time(), []
+    for r in range(world()[1]):
+        try:
+            if now - float(store.get(key + str(r))) > 3 * every:
+                silent.append(r)
+        except (RuntimeError, ValueError):
+            silent.append(r)
+    return silent
+
+
+def together(fn, run=True, patient=False):
     """fn() where run is true; a UserError on any rank is raised on every rank, so that none waits for one that
-    stopped (each prints its one line and exits 2)."""
+    stopped (each prints its one line and exits 2). patient: the others may wait for it without a time limit."""
     if not dist.is_initialized():
         return fn() if run else None
     out, error, errors = None, None, [None] * world()[1]
@@ -1106,7 +1244,7 @@ def together(fn, run=True):
         out = fn() if run else None
     except UserError as exc:
         error = str(exc)
-    dist.all_gather_object(errors, error)
+    dist.all_gather_object(errors, error, group=PATIENT[0] if patient and PATIENT else None)
     if first := next((e for e in errors if e), None):
         raise UserError(first)
     return out
@@ -1187,12 +1325,30 @@ class StopFlag:
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
+    saving, abort = False, False
+
     def _handle(self, signum, frame):
+        if self.signum is not None and self.saving:       # a second one while the state is written: after it
+            self.abort = True
+            print(f"\n{signal.Signals(signum).name} received again: stopping once the files being written are whole",
+                  file=sys.stderr, flush=True)
+            return
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
         print(f"\n{signal.Signals(signum).name} received: finishing the current step, then saving last.pth",
               file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """Writes that a second Ctrl-C does not cut short: it takes effect once they are done."""
+        self.saving = True
+        try:
+            yield
+        finally:
+            self.saving = False
+        if self.abort:
+            raise KeyboardInterrupt
 
     def restore(self):
         for s, h in self.previous.items():
@@ -1204,6 +1360,12 @@ class StopFlag:
         self.previous = dict.fromkeys(self.previous, signal.SIG_IGN)
         self.restore()
 
+    def now(self, step, steps, spread, device):
+        """Whether to stop after this step: under torchrun the ranks agree at the checks, to stop at one step."""
+        if spread:
+            return ((step + 1) % CHECK_EVERY == 0 or step + 1 == steps) and self.agreed(device)
+        return self.signum is not None
+
     def agreed(self, device):
         """Whether any rank was asked to stop (each is signalled at its own step); every rank learns the signal."""
         self.signum = int(all_reduce(torch.tensor(self.signum or 0, device=device), dist.ReduceOp.MAX)) or None
@@ -1213,89 +1375,93 @@ class StopFlag:
 CHECK_EVERY = 50      # steps between the host's reads of the loss (progress bar, non-finite check)
 
 
-def train_one_epoch(model, optimizer, images, labels, rows, device, cfg, epoch, start_step=0, carry=None,
-                    stop=None, on_stop=None, scheduler=None, criterion=None, ema=None, repeat=None,
-                    head_only=False, features=None, scaler=None):
-    """One pass over the training rows: (mean loss, images seen, seconds); carry is (loss sum, images, bad steps)
-    before an interruption. head_only keeps the backbone in eval mode; with features (the frozen backbone's
-    outputs, a row per image) only the head runs. No step waits for the device: augmentation, the loss sums and
-    the scaler's skip of a non-finite step stay there, and the host reads them every CHECK_EVERY steps. Under
-    torchrun each rank takes its share of every global batch (on features every rank takes all: no DDP there)."""
+def train_one_epoch(run, images, labels, rows, head_only=False, features=None, pass_seed=None):
+    """One pass over the rows with run's model, optimizer, loss, EMA and scaler: (mean loss, images, seconds). A
+    scheduled epoch (pass_seed None) starts at run.step, steps run.scheduler, honours run.stop; a head pass (its own
+    batch order) does neither. head_only: the backbone in eval mode; with features (the frozen backbone's outputs)
+    only the head runs. No step waits for the device: augmentation, loss sums and the scaler's skip of a non-finite
+    step stay there, read every CHECK_EVERY steps. Under torchrun each rank takes its share of every batch."""
+    cfg, device, model = run.cfg, run.device, run.net or run.model
     set_train_mode(unwrap(model), head_only or features is not None)
     forward = head_module(unwrap(model)) if features is not None else model
-    if features is not None:
-        images, labels = features, to_device(labels, features.device)
-    criterion, scaler = (criterion or nn.BCEWithLogitsLoss()).to(device), scaler or make_scaler(device, cfg)
+    images, labels = (features, to_device(labels, features.device)) if features is not None else (images, labels)
+    scheduled, seed = pass_seed is None, cfg["seed"] if pass_seed is None else pass_seed
+    start, carry = (run.step, run.carry) if scheduled else (0, None)
     (rank, n), spread = (world(), dist.is_initialized()) if features is None else ((0, 1), False)
-    batches = epoch_batches(rows, cfg["batch_size"], cfg["seed"], epoch, repeat, drop_last=cfg["compile"], world=n)
+    batches = epoch_batches(rows, cfg["batch_size"], seed, run.epoch, run.repeat, drop_last=cfg["compile"], world=n)
     shares = [(len(b) * rank // n, len(b) * (rank + 1) // n, len(b)) for b in batches]
     # a resumed epoch's loss sum and images so far: counted once (rank 0's); its bad-step run on every rank
     loss_sum, seen = (torch.tensor(float(v), device=device) for v in (carry if carry and rank == 0 else (0.0, 0))[:2])
-    flags, last_read, bad_steps = [], start_step, int(carry[2]) if carry else 0
+    bad = BadSteps(cfg["max_bad_steps"], run.epoch, start, int(carry[2]) if carry else 0)
     mean_std = normalisation(cfg["arch"])           # looked up once: a timm name costs a registry lookup
-    t0 = time.time()
-    prefetch = BatchPrefetcher(images, labels, [b[lo:hi] for b, (lo, hi, _) in zip(batches, shares)][start_step:],
-                               device)
-    bar = tqdm(total=len(batches), initial=start_step, desc=f"epoch {epoch}", unit="batch", **PROGRESS)
-
-    def read_back(step):
-        """The one host read every CHECK_EVERY steps: warnings for skipped steps, the stop rule."""
-        nonlocal flags, last_read, bad_steps
-        # under torchrun a rank's non-finite loss skips the step on every rank: all count it
-        bad_flags = all_reduce(torch.stack(flags).byte(), dist.ReduceOp.MAX).tolist() if flags else []
-        for k, bad in enumerate(bad_flags, last_read):
-            bad_steps = bad_steps + 1 if bad else 0
-            if bad:
-                print(f"warning: non-finite loss at epoch {epoch} step {k}: step skipped ({bad_steps} in a row)",
-                      file=sys.stderr)
-            if bad_steps >= cfg["max_bad_steps"]:
-                raise UserError(f"{bad_steps} non-finite losses in a row: stopping. The last good checkpoint is "
-                                f"kept; try a lower --lr or --no-amp.")
-        flags, last_read = [], step + 1
-
+    channels_last = device.type == "cuda" and cfg["channels_last"]
+    t0, prefetch = time.time(), BatchPrefetcher(images, labels, [b[lo:hi] for b, (lo, hi, _) in zip(batches, shares)]
+                                                [start:], device)
+    bar = tqdm(total=len(batches), initial=start, desc=f"epoch {run.epoch}", unit="batch", **PROGRESS)
     try:
-        for step, (x, y) in enumerate(prefetch, start_step):
-            torch.manual_seed(step_seed(cfg["seed"], epoch, step))
+        for step, (x, y) in enumerate(prefetch, start):
+            torch.manual_seed(step_seed(seed, run.epoch, step))
             if features is None:
-                g = torch.Generator(device=x.device).manual_seed(step_seed(cfg["seed"], epoch, step) + 1)
+                g = torch.Generator(device=x.device).manual_seed(step_seed(seed, run.epoch, step) + 1)
                 x = augment_batch(x, g, cfg["crop_scale_min"], cfg["hflip"], *mean_std, part=shares[step][::2])
-                if device.type == "cuda" and cfg["channels_last"]:
-                    x = x.contiguous(memory_format=torch.channels_last)
+                x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
             with autocast(device, cfg["amp"]):
-                loss = criterion(forward(x).float(), y)
-            optimizer.zero_grad(set_to_none=True)
+                loss = run.criterion(forward(x).float(), y)
             # DDP averages the ranks' gradients: weighting each share's mean by its size gives the global batch's
-            scaler.scale(loss * (len(y) * n / shares[step][2]) if spread else loss).backward()
-            scaler.step(optimizer)              # skipped on the device when a gradient is not finite
-            scaler.update()
+            optimizer_step(run, loss * (len(y) * n / shares[step][2]) if spread else loss)
             finite = torch.isfinite(loss.detach())
-            flags.append(~finite)
+            bad.flags.append(~finite)
             loss_sum += torch.where(finite, loss.detach(), 0.0) * len(y)
             seen += finite * len(y)
-            if ema is not None:
-                ema.update_parameters(model)
-            if scheduler is not None:
-                scheduler.step()
-            if step == start_step and cfg["compile"] and device.type == "cuda":
+            if run.ema is not None:
+                run.ema.update_parameters(model)
+            if scheduled and run.scheduler is not None:
+                run.scheduler.step()
+            if step == start and cfg["compile"] and device.type == "cuda":
                 torch.cuda.synchronize(device)  # compile warm-up stays out of the images/s
                 t0 = time.time()
-            stopping = stop is not None and stop.signum is not None
-            if spread and stop is not None:     # ranks stop at the same step, agreed at the checks
-                stopping = ((step + 1) % CHECK_EVERY == 0 or step + 1 == len(batches)) and stop.agreed(device)
+            stopping = scheduled and run.stop is not None and run.stop.now(step, len(batches), spread, device)
             if (step + 1) % CHECK_EVERY == 0 or stopping:
-                read_back(step)
+                bad.read_back(step)
                 bar.set_postfix(loss=f"{float(loss_sum) / max(float(seen), 1):.4f}", refresh=False)
             bar.update(1)
             if stopping:
-                on_stop(step + 1, (float(all_reduce(loss_sum)), int(all_reduce(seen)), bad_steps))
+                run.step, run.carry = step + 1, (float(all_reduce(loss_sum)), int(all_reduce(seen)), bad.run)
                 raise StopRequested
-        read_back(len(batches))
+        bad.read_back(len(batches))
     finally:
         prefetch.close()
         bar.close()
     if spread:
         all_reduce(loss_sum), all_reduce(seen)
     return float(loss_sum) / max(float(seen), 1), int(seen), time.time() - t0
+
+
+def optimizer_step(run, loss):
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)      # skipped on the device when a gradient is not finite
+    run.scaler.update()
+
+
+class BadSteps:
+    """Non-finite losses: a flag per step kept on the device, read back every CHECK_EVERY steps (a warning for each
+    skipped step, a UserError after max_bad in a row); under torchrun one rank's skips the step on every rank."""
+
+    def __init__(self, max_bad, epoch, first_step, run_so_far=0):
+        self.max_bad, self.epoch, self.next, self.run, self.flags = max_bad, epoch, first_step, run_so_far, []
+
+    def read_back(self, step):
+        bad_flags = all_reduce(torch.stack(self.flags).byte(), dist.ReduceOp.MAX).tolist() if self.flags else []
+        for k, bad in enumerate(bad_flags, self.next):
+            self.run = self.run + 1 if bad else 0
+            if bad:
+                print(f"warning: non-finite loss at epoch {self.epoch} step {k}: step skipped ({self.run} in a row)",
+                      file=sys.stderr)
+            if self.run >= self.max_bad:
+                raise UserError(f"{self.run} non-finite losses in a row: stopping. The last good checkpoint is "
+                                f"kept; try a lower --lr or --no-amp.")
+        self.flags, self.next = [], step + 1
 
 
 def amp_dtype(device):
@@ -1317,12 +1483,17 @@ def to_device(array, device):
     return (array if isinstance(array, torch.Tensor) else torch.from_numpy(np.asarray(array))).to(device)
 
 
+PREDICTING = dict(batch_size=512, amp=True, channels_last=True, mean=IMAGENET_MEAN, std=IMAGENET_STD, desc="predict")
+
+
 @torch.no_grad()
-def predict(model, images_u8, device, batch_size=512, amp=True, channels_last=True, mean=IMAGENET_MEAN,
-            std=IMAGENET_STD, rows=None, desc="predict", tta=False, activation=torch.sigmoid):
+def predict(model, images_u8, device, rows=None, tta=False, activation=torch.sigmoid, **how):
     """activation (sigmoid: probabilities) of the outputs, (N, 80) float32, for uint8 images (array, memmap or
-    tensor), all of them or the given rows; tta averages in the mirrored images'. Under torchrun each rank predicts
-    its share of the rows and every rank gets them all, in order."""
+    tensor), all of them or the given rows; tta averages in the mirrored images'. how: batch_size, amp,
+    channels_last, mean, std, desc (PREDICTING's defaults). Under torchrun each rank predicts its share of the
+    rows and every rank gets them all, in order."""
+    how = PREDICTING | how
+    batch_size, mean, std, amp = how["batch_size"], how["mean"], how["std"], how["amp"]
     model.eval()
     rank, n = world()
     rows = np.array_split(np.arange(len(images_u8)) if rows is None else np.asarray(rows), n)[rank]
@@ -1330,11 +1501,11 @@ def predict(model, images_u8, device, batch_size=512, amp=True, channels_last=Tr
     if on_device:                               # the rows go to the images' device once, not per batch
         rows = torch.as_tensor(rows, device=images_u8.device)
     out = []
-    for i in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", **PROGRESS):
+    for i in tqdm(range(0, len(rows), batch_size), desc=how["desc"], unit="batch", **PROGRESS):
         idx = rows[i:i + batch_size]
         x8 = images_u8.index_select(0, idx) if on_device else torch.from_numpy(np.ascontiguousarray(images_u8[idx]))
         x = normalize(x8.to(device, non_blocking=True), mean, std)
-        if device.type == "cuda" and channels_last:
+        if device.type == "cuda" and how["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):
             p = activation(model(x).float())
@@ -1347,6 +1518,12 @@ def predict(model, images_u8, device, batch_size=512, amp=True, channels_last=Tr
     return out
 
 
+def prediction_settings(cfg, desc, **more):
+    mean, std = normalisation(cfg["arch"])
+    return dict(batch_size=2 * cfg["batch_size"], amp=cfg["amp"], channels_last=cfg["channels_last"], mean=mean,
+                std=std, desc=desc) | more
+
+
 @torch.no_grad()
 def backbone_features(model, images_u8, device, cfg, rows):
     """The head's input for the given rows (float32 (N, D), zero elsewhere): predict, the last Linear an identity."""
@@ -1354,8 +1531,7 @@ def backbone_features(model, images_u8, device, cfg, rows):
     linear = getattr(parent, attr)
     setattr(parent, attr, nn.Identity())
     try:
-        f = predict(model, images_u8, device, 2 * cfg["batch_size"], cfg["amp"], cfg["channels_last"],
-                    *normalisation(cfg["arch"]), rows=rows, desc="features", activation=lambda z: z)
+        f = predict(model, images_u8, device, rows, activation=lambda z: z, **prediction_settings(cfg, "features"))
     finally:
         setattr(parent, attr, linear)
     out = np.zeros((len(images_u8), f.shape[1]), np.float32)
@@ -1399,8 +1575,8 @@ def evaluate(model, images, labels, rows, device, cfg, features=None):
         batch = min(2 * cfg["batch_size"], VALIDATION_BATCH_FITS.get(fits_key, 2 * cfg["batch_size"]))
         while True:         # out of memory at validation: retry smaller rather than lose the epoch
             try:
-                probs = predict(model, images, device, batch, cfg["amp"], cfg["channels_last"],
-                                *normalisation(cfg["arch"]), rows=rows, desc="validate", tta=cfg["tta"])
+                probs = predict(model, images, device, rows, cfg["tta"],
+                                **prediction_settings(cfg, "validate", batch_size=batch))
                 break
             except torch.cuda.OutOfMemoryError:
                 if batch == 1:
@@ -1415,17 +1591,18 @@ def evaluate(model, images, labels, rows, device, cfg, features=None):
 
 
 # -------------------------------------------------------------- checkpoints
-class DiskFull(UserError, OSError):
-    """A write that found the disk full: one line like any UserError, and still an OSError."""
+class WriteFailed(UserError, OSError):
+    """A write the disk or the OS refused (full, quota, file-size limit, read-only, permission): one line like any
+    UserError, and still an OSError."""
 
 
 def atomic_write_bytes(path, data):
-    """data (bytes, or a function writing to a binary file) written beside path, then os.replace: a
-    reader sees the old file or the new one, no temporary file outlives a failure, a full disk is one line."""
+    """data (bytes, or a function writing to a binary file) written beside path, then os.replace: a reader sees the
+    old file or the new one, no temporary file outlives a failure, and a refusal of the disk or the OS is one line."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             data(f) if callable(data) else f.write(data)
             f.flush()
@@ -1434,13 +1611,41 @@ def atomic_write_bytes(path, data):
     except BaseException as exc:
         written = tmp.stat().st_size if tmp.is_file() else 0
         tmp.unlink(missing_ok=True)
-        if getattr(exc, "errno", None) not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        why = write_refusal(path, exc, max(written, 0 if callable(data) else len(data)))
+        if why is None:
             raise
-        import shutil
-        need = max(written, 0 if callable(data) else len(data), path.stat().st_size if path.is_file() else 0)
-        raise DiskFull(f"disk full writing {path} ({exc.strerror}): it needs at least {need / 2**20:.2f} MiB, "
-                       f"{shutil.disk_usage(path.parent).free / 2**20:.2f} MiB are free: make room, then run the "
-                       f"same command again") from None
+        raise WriteFailed(f"could not write {path}: {why}") from None
+
+
+def write_refusal(path, exc, need):
+    """Why the disk or the OS refused a write and what to do, else None. torch.save's zip writer reports a short
+    write as a RuntimeError without errno, so the errno alone does not decide: the free space and the file-size
+    limit do."""
+    if not isinstance(exc, (OSError, RuntimeError)):
+        return None
+    code, folder = getattr(exc, "errno", None), next(p for p in path.parents if p.exists())
+    free, limit = shutil.disk_usage(folder).free, file_size_limit()
+    need = max(need, path.stat().st_size if path.is_file() else 0)
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)) or free < need + 2 ** 20:
+        return (f"the disk is full ({getattr(exc, 'strerror', None) or 'a short write'}): it needs at least {need / 2**20:.2f} MiB, {free / 2**20:.2f} MiB are free: make "
+                f"room, then run the same command again (the previous file is intact)")
+    if code == errno.EFBIG or (limit is not None and need >= limit):
+        return (f"the file-size limit of this process ({limit} bytes: ulimit -f) is below the file's size: raise it "
+                f"(ulimit -f unlimited), then run the same command again (the previous file is intact)")
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return (f"{folder} is {'on a read-only file system' if code == errno.EROFS else 'not writable for this user'}"
+                f": make it writable or choose another folder (--checkpoint-dir, --output-dir, --runs-dir, --cache-dir)")
+    return None
+
+
+def file_size_limit():
+    """The largest file this process may write (RLIMIT_FSIZE, POSIX), or None when unlimited or unknown."""
+    try:
+        import resource
+    except ImportError:                     # Windows has no such limit
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
 
 
 def atomic_write_text(path, text):
@@ -1472,10 +1677,11 @@ def load_checkpoint(path):
 
 def model_from_checkpoint(state):
     model = build_model(state["arch"], "none", state["num_classes"])
-    if state["arch"] in LITE_ARCHS and "conv_stem.weight" not in state["model"]:   # our own Lite network's, before timm
-        load_by_position(model, state["model"], "this checkpoint")
-    else:
-        model.load_state_dict(state["model"])
+    weights = state["model"]
+    if state["config"].get("dropout"):          # a --dropout run's head was Sequential(Dropout, Linear): x.1.weight
+        head = [k for k, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+        weights = {k.replace(f"{head}.1.", f"{head}."): v for k, v in weights.items()}
+    model.load_state_dict(weights)
     return model
 
 
@@ -1485,28 +1691,96 @@ def unwrap(model):
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def checkpoint_state(model, optimizer, cfg, run_id, epoch, step, best, report, carry, ema=None, use_ema=False,
-                     calibration=None, metrics=None, scaler=None, training=True):
-    """What the export needs (architecture, preprocessing, classes, thresholds) and, with training, what a resume
-    needs. "model" holds the weights to predict with: the EMA's when they scored better."""
-    weights = lambda m: {k: v.detach().cpu() for k, v in unwrap(m).state_dict().items()}
-    mean, std = normalisation(cfg["arch"])
-    tau = float(report["tau"]) if report else 0.5       # until the end-of-run calibration: the swept tau*
-    cal = calibration or {"chosen": "global", "threshold": tau, "global_tau": tau, "per_class": [tau] * NUM_CLASSES,
-                          "strength": "inf", "heldout_f1": {}, "provisional": True}
-    state = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "run_id": run_id, "arch": cfg["arch"],
-             "num_classes": NUM_CLASSES, "class_names": list(CLASS_NAMES), "image_size": cfg["image_size"],
-             "mean": list(mean), "std": list(std),
-             "model": weights(ema.module if use_ema else model), "weights_source": "ema" if use_ema else "raw",
-             "threshold": cal["threshold"], "thresholds": cal, "tta": bool(cfg["tta"]), "amp": bool(cfg["amp"]),
-             "val_metrics": scalar_metrics(report) if report else {}, "epoch": epoch, "step": step,
-             "best_score": best, "config": dict(cfg), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    if training:
-        state.update(raw_model=weights(model) if use_ema else None, ema=ema.state_dict() if ema is not None else None,
-                     carry=list(carry) if carry else None, metrics=[dict(r) for r in metrics or []],
-                     optimizer=optimizer.state_dict(), torch_rng=torch.get_rng_state(),
-                     scaler=scaler.state_dict() if scaler is not None else None)
-    return state
+def cpu_weights(model):
+    return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+
+
+@dataclass(eq=False)
+class RunState:
+    """What a run carries from step to step. state_dict() is the checkpoint (last.pth; with training=False the
+    export's best_model.pth), load_state_dict() is every resume: Ctrl-C, --resume, a torchrun restart."""
+    cfg: dict
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    device: torch.device = torch.device("cpu")
+    scheduler: object = None
+    scaler: object = None            # torch.amp.GradScaler (make_scaler when None)
+    ema: object = None               # build_ema's average of the weights, or None
+    criterion: nn.Module = None      # the training loss (BCE when None)
+    repeat: np.ndarray = None        # repeat factors of the training rows (--class-balance sampling)
+    epoch: int = 1                   # the epoch in training
+    step: int = 0                    # its steps already done (a mid-epoch stop's position)
+    carry: tuple = None              # (loss sum, images, bad steps in a row) of those steps
+    best: float = -1.0               # best validation challenge F1 so far
+    report: dict = None              # validation report of the epoch the checkpoint describes
+    use_ema: bool = False            # the EMA's weights scored better in that epoch: they are the export's
+    rows: list = field(default_factory=list)    # metrics.csv, one row per epoch
+    steps_per_epoch: int = 0         # of the schedule
+    net: nn.Module = None            # what the step calls (DDP, torch.compile); model when None
+    stop: object = None              # StopFlag of this launch
+
+    def __post_init__(self):
+        self.scaler = self.scaler or make_scaler(self.device, self.cfg)
+        self.criterion = (self.criterion or nn.BCEWithLogitsLoss()).to(self.device)
+
+    def state_dict(self, training=True, calibration=None):
+        """What the export needs (architecture, preprocessing, classes, thresholds) and, with training, what a
+        resume needs. "model" holds the weights to predict with: the EMA's when they scored better."""
+        cfg, report = self.cfg, self.report
+        mean, std = normalisation(cfg["arch"])
+        tau = float(report["tau"]) if report else 0.5       # until the end-of-run calibration: the swept tau*
+        cal = calibration or {"chosen": "global", "threshold": tau, "global_tau": tau, "per_class": [tau] * NUM_CLASSES,
+                              "strength": "inf", "heldout_f1": {}, "provisional": True}
+        state = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "run_id": cfg["run_id"],
+                 "arch": cfg["arch"], "num_classes": NUM_CLASSES, "class_names": list(CLASS_NAMES),
+                 "image_size": cfg["image_size"], "mean": list(mean), "std": list(std),
+                 "model": cpu_weights(self.ema.module if self.use_ema else self.model),
+                 "weights_source": "ema" if self.use_ema else "raw", "threshold": cal["threshold"], "thresholds": cal,
+                 "tta": bool(cfg["tta"]), "amp": bool(cfg["amp"]), "val_metrics": scalar_metrics(report) if report
+                 else {}, "epoch": self.epoch, "step": self.step, "best_score": self.best, "config": dict(cfg),
+                 "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+        if training:
+            state.update(raw_model=cpu_weights(self.model) if self.use_ema else None,
+                         ema={"module": cpu_weights(self.ema.module), "n": self.ema.updates} if self.ema else None,
+                         carry=list(self.carry) if self.carry else None, metrics=[dict(r) for r in self.rows],
+                         optimizer=self.optimizer.state_dict(), torch_rng=torch.get_rng_state(),
+                         scheduler=self.scheduler.state_dict() if self.scheduler else None,
+                         scaler=self.scaler.state_dict())
+        return state
+
+    def load_state_dict(self, state, log=print):
+        """Weights, optimizer, schedule, EMA, scaler, RNG, position, best score and rows of a training checkpoint."""
+        self.model.load_state_dict(state.get("raw_model") or state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None and state.get("ema"):
+            self.ema.module.load_state_dict(state["ema"]["module"])
+            self.ema.updates = int(state["ema"]["n"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.best, same_batch = state["best_score"], self.cfg["batch_size"] == state["config"]["batch_size"]
+        self.epoch = state["epoch"] if state["step"] else state["epoch"] + 1       # a stopped epoch runs again
+        self.step, self.carry = (state["step"], tuple(state["carry"])) if state["step"] and same_batch else (0, None)
+        if state["step"] and not same_batch:
+            log(f"--batch-size changed: epoch {self.epoch} restarts from its first step")
+        self.rows = [r for r in state.get("metrics") or [] if r["epoch"] < self.epoch]   # match its epoch exactly
+        schedule = ("batch_size", "lr", "epochs", "schedule", "warmup_epochs", "lr_step", "lr_gamma", "head_epochs")
+        if state.get("scheduler") and all(state["config"].get(k) == self.cfg[k] for k in schedule):
+            self.scheduler.load_state_dict(state["scheduler"])
+        else:       # this launch's schedule differs (or an older checkpoint has none): where a fresh one is now
+            head = self.cfg["head_epochs"]
+            self.rebase_schedule(max(self.epoch - 1 - head, 0) * self.steps_per_epoch
+                                 + (self.step if self.epoch > head else 0))
+
+    def rebase_schedule(self, step):
+        """The learning rate where a fresh run with this launch's settings is at this step: the scheduler, built
+        before the resumed optimizer state, stepped forward from its start."""
+        for g, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            g["lr"] = lr
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")             # "scheduler.step() before optimizer.step()": on purpose
+            for _ in range(step):
+                self.scheduler.step()
 
 
 # ------------------------------------------------------------------ logging
@@ -1566,6 +1840,641 @@ def log_tensorboard(writer, epoch, row, report):
         if report["best"]["support"][c] > 0:
             writer.add_scalar(f"class_f1/{c:02d}_{name.replace(' ', '_')}", report["best"]["class_f1"][c], epoch)
     writer.flush()
+
+
+def write_reports(job, epoch, report, probs, calibration):
+    """Pictures of the best epoch, as PNGs in outputs/<run_id>/ and in TensorBoard (--reports, at the end of
+    training): per-class F1 (sorted, rare classes marked), the threshold sweep, precision-recall curves of the
+    rarest classes and a grid of validation images with their predicted and true labels."""
+    import matplotlib
+    matplotlib.use("Agg")                           # no window: training may run without a display
+    import matplotlib.pyplot as plt
+    y = job.data.labels[job.val_idx].astype(bool)
+    support = y.sum(0)
+    present = np.flatnonzero(support > 0)
+    rare = set(present[np.argsort(support[present], kind="stable")[:10]].tolist())
+    figures = score_figures(plt, epoch, report, probs, y, rare)
+    pred = binarize(probs, calibration.get("threshold", report["tau"]))
+    show = np.random.default_rng(0).permutation(len(job.val_idx))[:16]
+    fig, axes = plt.subplots(4, 4, figsize=(10, 11))
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, show):
+        ax.imshow(np.asarray(job.data.images[job.val_idx[i]]).transpose(1, 2, 0))
+        ok = pred[i] & y[i]
+        ax.set_title("pred: " + ", ".join(CLASS_NAMES[c] + ("" if ok[c] else "*") for c in np.flatnonzero(pred[i]))
+                     + "\ntrue: " + ", ".join(CLASS_NAMES[c] for c in np.flatnonzero(y[i])), fontsize=6)
+    fig.suptitle("validation images (* = wrong prediction)")
+    figures["val_predictions"] = fig
+    written = [job.dirs["output"] / f"{name}.png" for name in figures]
+    for path, (name, fig) in zip(written, figures.items()):
+        fig.tight_layout()
+        atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=110))
+        job.writer.add_figure(f"report/{name}", fig, epoch)         # and closes it
+    for c in sorted(rare):
+        job.writer.add_pr_curve(f"pr_rare/{c:02d}_{CLASS_NAMES[c].replace(' ', '_')}", y[:, c], probs[:, c], epoch)
+    job.writer.flush()
+    job.log(f"reports: {', '.join(p.name for p in written)} in {job.dirs['output']}")
+    return written
+
+
+def score_figures(plt, epoch, report, probs, y, rare):
+    """The per-class F1 bars, the threshold sweep and the rare classes' precision-recall curves."""
+    support, f1 = y.sum(0), report["best"]["class_f1"]
+    present = np.flatnonzero(support > 0)
+    order = present[np.argsort(-f1[present], kind="stable")]
+    fig, ax = plt.subplots(figsize=(max(8, 0.16 * len(order)), 4.5))
+    ax.bar(range(len(order)), f1[order], color=["tab:red" if c in rare else "tab:blue" for c in order])
+    ax.set_xticks(range(len(order)), [f"{CLASS_NAMES[c]} ({support[c]})" for c in order], rotation=90, fontsize=6)
+    ax.set(ylabel="F1 at tau*",
+           title=f"per-class F1, epoch {epoch} (red: the 10 rarest classes; validation positives in brackets)")
+    figures = {"per_class_f1": fig}
+    sweep = report["sweep"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in ("f1", "precision", "recall"):
+        ax.plot(sweep["tau"], sweep[key], label=key if key != "f1" else "challenge F1")
+    ax.axvline(report["tau"], color="grey", ls="--", lw=1)
+    ax.set(xlabel="threshold tau (probability)",
+           title=f"threshold sweep: F1 {report['best']['f1']:.4f} at tau* {report['tau']:.2f}")
+    ax.legend()
+    figures["threshold_sweep"] = fig
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for c in sorted(rare, key=lambda c: support[c])[:6]:
+        order_c = np.argsort(-probs[:, c], kind="stable")
+        tp = np.cumsum(y[order_c, c])
+        ax.step(tp / support[c], tp / np.arange(1, len(tp) + 1), where="post",
+                label=f"{CLASS_NAMES[c]} (n={support[c]}, AP {report['ap'][c]:.2f})")
+    ax.set(xlabel="recall", ylabel="precision", title="precision-recall of the rarest validation classes")
+    ax.legend(fontsize=7)
+    figures["pr_rare_classes"] = fig
+    return figures
+
+
+# --------------------------------------------------------------------- runs
+def new_run_id():
+    """A timestamp (ids sort by launch time) and a random suffix: launches in one second differ."""
+    return time.strftime("%Y%m%d-%H%M%S-", time.localtime()) + os.urandom(4).hex()
+
+
+def run_dirs(cfg, run_id):
+    return {name: Path(cfg[f"{name}_dir"]) / run_id for name in ("checkpoint", "output", "runs")}
+
+
+CLAIM_FILE = ".run-claim"        # the OS lock in checkpoints/<run_id>/ held by the launch that owns the run
+CLAIMS = []                      # the locks this process holds, until it ends (the OS drops them however it ends)
+
+
+def check_new_run(dirs, run_id):
+    """A new run may not reuse another's folders, nor one a live launch holds."""
+    if any((d / "metrics.csv").exists() or (d / "last.pth").exists() for d in dirs.values()):
+        raise UserError(f"run {run_id} already exists: resume it with --resume "
+                        f"{dirs['checkpoint'] / 'last.pth'} or pick another --run-id")
+    claim = dirs["checkpoint"] / CLAIM_FILE
+    if claim.exists():
+        from filelock import FileLock, Timeout
+        try:
+            FileLock(claim).acquire(timeout=0).lock.release()
+        except Timeout:
+            raise UserError(f"run {run_id} is taken by another launch that is still running: pick another "
+                            f"--run-id") from None
+
+
+def claim_run(dirs, run_id, log=print):
+    """Make the run folders (proven writable) and take the run: an OS file lock (filelock), held while this process
+    lives, so a launch killed at any moment leaves nothing that blocks the same command."""
+    from filelock import FileLock, Timeout
+    ensure_writable(dirs["checkpoint"], "--checkpoint-dir")
+    lock = FileLock(dirs["checkpoint"] / CLAIM_FILE)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise UserError(f"run {run_id} was just taken by another launch: pick another --run-id") from None
+    CLAIMS.append(lock)
+    try:
+        for name in ("output", "runs"):
+            ensure_writable(dirs[name], f"--{name}-dir")
+    except UserError:
+        CLAIMS.remove(lock)
+        lock.release()
+        Path(lock.lock_file).unlink(missing_ok=True)
+        try:
+            dirs["checkpoint"].rmdir()          # only when empty: it was made for this claim
+        except OSError:
+            pass
+        raise
+
+
+def release_claims():
+    while CLAIMS:
+        CLAIMS.pop().release()
+
+
+def ensure_writable(folder, option):
+    """Create folder and prove it writable with a probe file, or UserError naming the option."""
+    probe = folder / f".write-probe-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write in {folder} ({exc.strerror or exc}): pass a writable {option}") from None
+
+
+def reopen_run(dirs):
+    """A resumed run's folders, proven writable, without the temporary files of a killed save."""
+    for name, d in dirs.items():
+        ensure_writable(d, f"--{name}-dir")
+    for stale in dirs["checkpoint"].glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+def save_run_files(cfg, dirs, data, train_idx, val_idx, resume):
+    """A new run's split, and the resolved config."""
+    if not resume:
+        split = {"seed": cfg["seed"], "val_fraction": cfg["val_fraction"],
+                 "train": [data.stems[i] for i in train_idx], "val": [data.stems[i] for i in val_idx]}
+        atomic_write_text(dirs["output"] / "split.json", json.dumps(split, indent=0))
+    atomic_write_text(dirs["output"] / "config.json", json.dumps(cfg, indent=2))
+
+
+def given_keys(cfg, given=None):
+    """The keys set explicitly: given, or (a config passed to train() in Python) those differing from the defaults."""
+    if given is not None:
+        return set(given)
+    return {k for k, v in default_config().items() if k in cfg and cfg[k] != v}
+
+
+def resolve_settings(cfg, given, log):
+    """(resumed state, refit source, device) with cfg updated to the run's settings; UserError where they cannot run."""
+    resume = load_checkpoint(cfg["resume"]) if cfg["resume"] else None
+    if resume and "optimizer" not in resume:
+        raise UserError(f"{cfg['resume']} holds the weights to export, not the training state: resume from "
+                        f"last.pth (or an epoch_NNN.pth) in the same folder")
+    source = load_checkpoint(cfg["refit_from"]) if cfg["refit_from"] and not resume else None
+    given = given_keys(cfg, given)
+    cfg.update(refit_settings(cfg, given, source, log) if source else
+               merge_settings(cfg, given, resume["config"] if resume else None, log))
+    if cfg["refit_from"] and not source:        # a resumed refit: its thresholds still come from the source
+        source = load_checkpoint(cfg["refit_from"])
+    if resume and (done := resume["epoch"] - 1 if resume["step"] else resume["epoch"]) >= cfg["epochs"]:
+        raise UserError(f"run {resume['run_id']} has already trained {done} of its {cfg['epochs']} epochs: "
+                        f"pass --epochs N with N > {done} to train further")
+    if cfg["batch_size"] % world()[1]:
+        raise UserError(f"--batch-size {cfg['batch_size']} does not divide among {world()[1]} processes: pass a "
+                        f"multiple of {world()[1]}")
+    device = pick_device(cfg["device"])
+    if device.type == "cuda" and dist.is_initialized():
+        device = torch.device("cuda", torch.cuda.current_device())     # torchrun's LOCAL_RANK
+    if cfg["sync_bn"] and dist.is_initialized() and device.type != "cuda":
+        raise UserError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm runs on CUDA only): leave it out on the CPU")
+    return resume, source, device
+
+
+def refit_settings(cfg, given, source, log=print):
+    """The source run's settings, its best epoch count and epoch-based schedule scaled by train / (train +
+    validation): the refit takes as many steps as the run that validated them."""
+    merged = merge_settings(cfg, given - {"run_id", "refit_from"}, source["config"], log)
+    split_path = Path(source["config"]["output_dir"]) / source["run_id"] / "split.json"
+    if not split_path.is_file():
+        raise UserError(f"{split_path} is missing: a refit needs the split of run {source['run_id']} (launch it "
+                        f"from the folder that run was started in, or restore that file)")
+    split = json.loads(split_path.read_text())
+    scale = len(split["train"]) / max(len(split["train"]) + len(split["val"]), 1)
+    merged.update(refit_from=cfg["refit_from"], resume="", run_id=cfg["run_id"] if "run_id" in given else
+                  f"{source['run_id']}-refit", epochs=max(1, round(source["epoch"] * scale)),
+                  lr_step=max(1, round(merged["lr_step"] * scale)), warmup_epochs=merged["warmup_epochs"] * scale,
+                  head_epochs=min(round(merged["head_epochs"] * scale), max(round(source["epoch"] * scale) - 1, 0)))
+    log(f"refit of run {source['run_id']} (best epoch {source['epoch']}): {merged['epochs']} epochs on "
+        f"train + validation, its thresholds kept")
+    return merged
+
+
+def split_rows(cfg, data, dirs, resume, source):
+    """(train rows, validation rows): a resumed run's own split, every image for a refit, else a new seeded one."""
+    split_path = dirs["output"] / "split.json"
+    if resume:
+        if not split_path.is_file():
+            raise UserError(f"{split_path} is missing: without its split a resumed run would validate on images "
+                            f"it trained on; start a new run instead")
+        split, pos = json.loads(split_path.read_text()), {s: i for i, s in enumerate(data.stems)}
+        if missing := [s for s in split["train"] + split["val"] if s not in pos]:
+            raise UserError(f"{split_path} names {len(missing)} image(s) no longer in the data, e.g. {missing[:3]}: "
+                            f"the dataset changed since this run started")
+        train_idx, val_idx = (np.array([pos[s] for s in split[part]], int) for part in ("train", "val"))
+    elif source:
+        train_idx, val_idx = usable_rows(data), np.zeros(0, int)     # every labelled image trains
+    else:
+        usable = usable_rows(data)
+        train_idx, val_idx = (usable[i] for i in make_split(data.labels[usable], cfg["val_fraction"], cfg["seed"]))
+    if (len(val_idx) == 0 and not cfg["refit_from"]) or len(train_idx) == 0:
+        capped = cfg["max_images"] and len(data.stems) >= cfg["max_images"]      # the user's option, not the data
+        raise UserError(f"{len(data.stems)} images are too few for a train/validation split; " +
+                        (f"raise --max-images {cfg['max_images']} (0 uses all)" if capped else
+                         "add images or raise --val-fraction"))
+    return train_idx, val_idx
+
+
+def train(cfg, log=print, given=None):
+    """The whole training run, cfg updated in place to the resolved settings; returns a summary dict. Under torchrun
+    every rank runs it: rank 0 alone logs, claims the run and writes, the others wait where its outcome matters."""
+    rank = world()[0]
+    log = log if rank == 0 else lambda *_, **__: None
+    given = elastic_restart(cfg, given, log)
+    resume, source, device = together(lambda: resolve_settings(cfg, given, log))
+    run_id = cfg["run_id"] = from_rank0(resume["run_id"] if resume else (cfg["run_id"] or new_run_id()))
+    dirs = run_dirs(cfg, run_id)
+    together(lambda: check_new_run(dirs, run_id), run=rank == 0 and not resume)
+    torch.manual_seed(cfg["seed"])
+    model = build_model(cfg["arch"], "none" if resume else cfg["weights"], NUM_CLASSES, cfg["freeze"])
+    check_input_size(model, cfg["image_size"])
+    local_first = int(os.environ.get("LOCAL_RANK", 0)) == 0     # one process a machine builds the image cache
+    data = together(lambda: load_train_set(cfg, log), run=local_first, patient=True)
+    data = together(lambda: load_train_set(cfg, log), run=not local_first, patient=True) or data
+    train_idx, val_idx = split_rows(cfg, data, dirs, resume, source)
+    created, last_path = {d for d in dirs.values() if not d.exists()}, dirs["checkpoint"] / "last.pth"
+    together(lambda: reopen_run(dirs) if resume else claim_run(dirs, run_id, log), run=rank == 0)
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0" and rank == 0:     # for restarts of an unnamed run
+        atomic_write_text(elastic_note(cfg), run_id)
+    try:
+        together(lambda: save_run_files(cfg, dirs, data, train_idx, val_idx, resume), run=rank == 0)
+        job = Launch(cfg, log, data, train_idx, val_idx, device, dirs, source)
+        return fit(start_run(job, model, resume), job)
+    except (Exception, KeyboardInterrupt) as exc:
+        if rank == 0 and not (resume or last_path.is_file()):     # nothing resumable: removed, the command redoes it
+            release_claims()
+            for d in created:
+                shutil.rmtree(d, ignore_errors=True)
+            log(f"run {run_id} removed: it stopped before its first checkpoint, so nothing could be resumed; "
+                f"the same command starts it again")
+        elif isinstance(exc, KeyboardInterrupt):
+            log(f"interrupted: {last_path} keeps the last saved state; resume with:\n"
+                f"  python MS_COCO.py --resume {last_path}")
+        if isinstance(exc, KeyboardInterrupt):
+            raise SystemExit(130) from None
+        raise
+
+
+def elastic_restart(cfg, given, log):
+    """Under torchrun: a worker it restarted (--max-restarts) continues its run from the last saved state, in the
+    same folders (an unnamed run's id read from the note of its first launch). Returns the options given."""
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    if not restart or cfg["resume"]:
+        return given
+    note = elastic_note(cfg)
+    cfg["run_id"] = cfg["run_id"] or from_rank0(note.read_text().strip() if note.is_file() else "")
+    last = Path(cfg["checkpoint_dir"]) / (cfg["run_id"] or "-") / "last.pth"
+    if not from_rank0(last.is_file()):
+        return given
+    cfg["resume"] = str(last)
+    log(f"torchrun restart {restart}: run {cfg['run_id']} continues from {last}")
+    return given_keys(cfg, given) | {"resume"}
+
+
+def elastic_note(cfg):
+    return Path(cfg["checkpoint_dir"]) / f".torchrun-{os.environ.get('TORCHELASTIC_RUN_ID', 'none')}"
+
+
+@dataclass(eq=False)
+class Launch:
+    """What this launch of a run works with: rebuilt on every launch (a resume too), never saved."""
+    cfg: dict
+    log: object
+    data: ImageSet
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    device: torch.device
+    dirs: dict
+    refit: dict = None              # a refit's source checkpoint: nothing left to validate on
+    images: object = None           # the training images and labels where the step reads them (place_data)
+    labels: object = None
+    taus: np.ndarray = None         # the thresholds swept at validation
+    writer: object = None           # TensorBoard (rank 0)
+    features: torch.Tensor = None   # the frozen backbone's outputs, once a head phase needs them
+    on_features: bool = False       # this epoch trains and validates the head on them
+    wrapped: list = None            # which weights the current DDP wrapper trains
+    best_seen: tuple = None         # (epoch, report, probs) of this launch's best epoch
+
+    @property
+    def best_path(self):
+        return self.dirs["checkpoint"] / "best_model.pth"
+
+    @property
+    def last_path(self):
+        return self.dirs["checkpoint"] / "last.pth"
+
+
+def start_run(job, model, resume):
+    """The set-up: the model on the device, its optimizer, schedule, loss, EMA and scaler in a RunState (resumed
+    from the checkpoint), the images where training reads them, the threshold grid, TensorBoard, the stop flag."""
+    cfg, device, log, n = job.cfg, job.device, job.log, world()[1]
+    log(f"run {cfg['run_id']}: {len(job.train_idx)} train / {len(job.val_idx)} val images, {cfg['arch']} "
+        f"({cfg['weights']}) at {cfg['image_size']}px on {device}, batch {cfg['batch_size']}, {cfg['epochs']} epochs"
+        + (f", recipe {cfg['recipe']}" if cfg["recipe"] != "default" else ""))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)               # what follows the current device follows --device (cuda:1)
+        torch.backends.cudnn.benchmark = True       # fixed input shapes: let cuDNN pick its fastest kernels
+    model.to(device)
+    if device.type == "cuda" and cfg["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg["sync_bn"] and dist.is_initialized():
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    train_labels = job.data.labels[job.train_idx]
+    if cfg["head_bias_prior"] and not resume:
+        init_head_bias(model, train_labels)
+    repeat = repeat_factors(train_labels, cfg["sampling_threshold"]) if cfg["class_balance"] == "sampling" else None
+    rows_per_epoch = round(float(repeat.sum())) if repeat is not None else len(job.train_idx)
+    steps = count_steps(rows_per_epoch, cfg["batch_size"], drop_last=cfg["compile"], world=n)
+    optimizer = build_optimizer(cfg, model)
+    run = RunState(cfg, model, optimizer, device, build_scheduler(cfg, optimizer, steps), make_scaler(device, cfg),
+                   build_ema(model, cfg), build_criterion(cfg), repeat, steps_per_epoch=steps)
+    if resume:
+        run.load_state_dict(resume, log)
+        if job.best_path.is_file():                                 # a kill between the two saves
+            run.best = max(run.best, load_checkpoint(job.best_path)["best_score"])
+        log(f"resuming run {cfg['run_id']} at epoch {run.epoch}" + (f", step {run.step}" if run.step else "")
+            + f" (best F1 so far {run.best:.4f})")
+    try:                                            # the images on the GPU if they fit beside a training step
+        need = training_memory(model, optimizer, run.criterion, device, dict(cfg, batch_size=cfg["batch_size"] // n))
+    except torch.cuda.OutOfMemoryError:
+        raise out_of_memory(cfg, job) from None
+    job.images, job.labels = place_images(job.data.images, job.data.labels, device, cfg, log, need)
+    job.taus = threshold_grid(cfg["threshold_min"], cfg["threshold_max"], cfg["threshold_step"])
+    if world()[0] == 0:
+        from torch.utils.tensorboard import SummaryWriter
+        job.writer = SummaryWriter(str(job.dirs["runs"]), purge_step=run.epoch if resume else None)
+    run.stop = StopFlag().install()
+    return run
+
+
+def out_of_memory(cfg, job):
+    on_device = " or --no-data-on-gpu" if isinstance(job.images, torch.Tensor) else ""
+    return UserError(f"CUDA ran out of memory at batch size {cfg['batch_size']}: try --batch-size "
+                     f"{max(cfg['batch_size'] // 2, 1)}{on_device}")
+
+
+def place_images(images, labels, device, cfg, log, training_bytes=0):
+    """(images, labels) where training reads them: with --data-on-gpu, tensors on the device if the images fit
+    beside training_bytes (from training_memory) with 10% of the free memory to spare, else host arrays."""
+    if not cfg["data_on_gpu"]:
+        return images, labels
+    if device.type == "cuda":
+        torch.cuda.empty_cache()                # mem_get_info counts PyTorch's cached blocks as used
+        free = torch.cuda.mem_get_info(device)[0]
+        fits = images.nbytes + training_bytes <= 0.9 * free
+        log(f"data: {images.nbytes / 2**30:.2f} GiB of images + {training_bytes / 2**30:.2f} GiB estimated for "
+            f"training, {free / 2**30:.1f} GiB free on the GPU: images "
+            + ("kept on the GPU" if fits else "stay in host memory"))
+        if not fits:
+            return images, labels
+    with warnings.catch_warnings():             # a read-only memory map: tensors over it are only read
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        if device.type == "cpu":
+            return torch.from_numpy(images), to_device(labels, device)
+        out = torch.empty(images.shape, dtype=torch.uint8, device=device)
+        for lo in range(0, len(images), 4096):   # in chunks: no second full copy in host RAM
+            out[lo:lo + 4096].copy_(torch.from_numpy(images[lo:lo + 4096]))
+    return out, to_device(labels, device)
+
+
+def optimizer_state_to_come(optimizer):
+    """Bytes of optimizer state not allocated yet: Adam's two moments per trainable weight without state."""
+    per = 2 if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) else 0
+    return sum(per * p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"]
+               if p.requires_grad and not optimizer.state.get(p))
+
+
+def training_memory(model, optimizer, criterion, device, cfg):
+    """CUDA only: what the images must leave free: the peak of one real training step above what is allocated
+    now (cuDNN autotuning off, BatchNorm statistics restored), plus the optimizer state still to come."""
+    if device.type != "cuda" or not cfg["data_on_gpu"]:
+        return 0
+    saved = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(("weight", "bias"))}
+    benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    try:
+        x8 = torch.randint(0, 256, (cfg["batch_size"], 3, cfg["image_size"], cfg["image_size"]), dtype=torch.uint8,
+                           device=device)
+        x = augment_batch(x8, torch.Generator(device=device).manual_seed(0), cfg["crop_scale_min"], cfg["hflip"],
+                          *normalisation(cfg["arch"]))
+        with autocast(device, cfg["amp"]):
+            loss = criterion(model(x).float(), torch.zeros(len(x), NUM_CLASSES, device=device))
+        loss.backward()
+        peak = torch.cuda.max_memory_allocated(device) - base
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+        model.zero_grad(set_to_none=True)
+        model.load_state_dict(saved, strict=False)
+    return int(peak + optimizer_state_to_come(optimizer))
+
+
+def fit(run, job):
+    """The epochs of a claimed run, each: train, validate, save, log; then its thresholds and reports."""
+    try:
+        for run.epoch in range(run.epoch, run.cfg["epochs"] + 1):
+            try:
+                row = train_epoch(run, job)
+                probs = validate_epoch(run, job, row)
+            except torch.cuda.OutOfMemoryError:
+                raise out_of_memory(run.cfg, job) from None
+            save_epoch(run, job, row, probs)
+            job.log(epoch_line(run.epoch, run.cfg["epochs"], row))
+        with run.stop.deferred():
+            return finish_run(run, job)
+    except StopRequested:
+        stop_run(run, job)
+    finally:
+        run.stop.restore()
+        if job.writer:
+            job.writer.close()
+
+
+def train_epoch(run, job):
+    """Train: in a --head-epochs epoch the head on cached features, else one scheduled pass. The epoch's row."""
+    cfg, model, epoch = run.cfg, run.model, run.epoch
+    lr = max(g["lr"] for g in run.optimizer.param_groups)
+    head_only = freeze_for_epoch(model, cfg, epoch)
+    # on cached backbone features: in the probe epochs, and for a frozen backbone when nothing is augmented
+    job.on_features = head_only and (epoch <= cfg["head_epochs"] or (cfg["crop_scale_min"] >= 1 and not cfg["hflip"]))
+    if job.on_features and job.features is None:
+        rows_all = np.sort(np.concatenate([job.train_idx, job.val_idx]))   # one cache for every split
+        job.features = torch.from_numpy(cached_features(model, job.data, job.device, cfg, rows_all, job.log))
+        job.features = job.features.to(job.device)
+    if [p.requires_grad for p in model.parameters()] != job.wrapped:
+        run.net, job.wrapped = wrap_for_training(model, job.device, cfg), [p.requires_grad for p in model.parameters()]
+    if epoch <= cfg["head_epochs"]:
+        loss, seen, seconds = train_head(run, job)
+    else:
+        loss, seen, seconds = train_one_epoch(run, job.images, job.labels, job.train_idx, head_only,
+                                              job.features if job.on_features else None)
+    run.step, run.carry = 0, None
+    if dist.is_initialized():
+        same_as_rank0(model, *([run.ema.module] if run.ema else []))
+    return {"epoch": epoch, "lr": lr, "train_loss": loss, "images_per_s": seen / max(seconds, 1e-9),
+            "epoch_s": seconds}
+
+
+def train_head(run, job):
+    """A --head-epochs epoch: passes over the cached features until the head's validation F1 (a refit's: its training
+    loss) stops improving for --head-patience passes, keeping the best head; the schedule does not count them."""
+    cfg, head = run.cfg, head_module(run.model)
+    best, kept, stale, loss_sum, seen, seconds, passes = -math.inf, None, 0, 0.0, 0, 0.0, 0
+    scheduled = [g["lr"] for g in run.optimizer.param_groups]
+    for g in run.optimizer.param_groups:            # at LR: the schedule (warm-up first) starts after the probe
+        g["lr"] = cfg["lr"] * g.get("lr_scale", 1.0)
+    while stale < cfg["head_patience"] and passes < HEAD_MAX_PASSES:
+        loss, n, sec = train_one_epoch(run, None, job.data.labels, job.train_idx, head_only=True,
+                                       features=job.features, pass_seed=cfg["seed"] * HEAD_MAX_PASSES + passes)
+        passes, loss_sum, seen, seconds = passes + 1, loss_sum + loss * n, seen + n, seconds + sec
+        score = -loss                               # a refit's: nothing to validate on
+        if len(job.val_idx):
+            probs = evaluate(run.net or run.model, None, job.data.labels, job.val_idx, job.device,
+                             dict(cfg, tta=False), job.features)[1]
+            score = validation_report(job.data.labels[job.val_idx], probs, job.taus)["best"]["f1"]
+        if score > best + 1e-4:
+            best, stale, kept = score, 0, {k: v.clone() for k, v in head.state_dict().items()}
+        else:
+            stale += 1
+    head.load_state_dict(kept)
+    for g, lr in zip(run.optimizer.param_groups, scheduled):
+        g["lr"] = lr
+    job.log(f"  head: {passes} passes over the cached features ({seconds:.1f}s), the best of them kept "
+            f"({'validation F1' if len(job.val_idx) else '-training loss'} {best:.4f})")
+    return loss_sum / max(seen, 1), seen, seconds
+
+
+def freeze_for_epoch(model, cfg, epoch):
+    """The head alone during the --head-epochs, then what --freeze says; True in a head-only epoch."""
+    model.requires_grad_(True)
+    apply_freeze(model, "backbone" if epoch <= cfg["head_epochs"] else cfg["freeze"])
+    return epoch <= cfg["head_epochs"] or cfg["freeze"] == "backbone"
+
+
+def validate_epoch(run, job, row):
+    """Validate the raw weights and, with EMA on, the averaged ones (the better counts) into run.report and the
+    row; a refit has nothing to validate on. Returns the validation probabilities."""
+    t_val, cfg, features = time.time(), run.cfg, job.features if job.on_features else None
+    net = run.model if dist.is_initialized() else (run.net or run.model)    # not through DDP: shards differ in size
+    val_loss, probs, run.report, run.use_ema = float("nan"), None, None, bool(job.refit and
+                                                                             job.refit["weights_source"] == "ema")
+    for use_ema, m in [(False, net)] + ([(True, run.ema.module)] if run.ema is not None and not job.refit else []):
+        if job.refit:
+            break
+        loss, p = evaluate(m, job.images, job.data.labels, job.val_idx, job.device, cfg, features)
+        report = validation_report(job.data.labels[job.val_idx], p, job.taus)
+        if run.report is None or report["best"]["f1"] > run.report["best"]["f1"]:
+            val_loss, probs, run.report, run.use_ema = loss, p, report, use_ema
+    metrics = scalar_metrics(run.report) if run.report else dict.fromkeys(METRIC_COLUMNS[4:12], float("nan"))
+    row.update({"val_loss": val_loss, **metrics, "ema": int(run.use_ema), "images_per_s": row.pop("images_per_s"),
+                "epoch_s": row.pop("epoch_s") + time.time() - t_val})
+    return probs
+
+
+def save_epoch(run, job, row, probs):
+    """Save (rank 0): best_model.pth and its validation scores when the epoch improved, then last.pth, the epoch
+    file, metrics.csv and TensorBoard. A Ctrl-C meanwhile waits until they are written."""
+    run.rows.append(row)
+    improved = run.report and run.report["best"]["f1"] > run.best     # the same on every rank: gathered validation
+    if improved:
+        run.best, job.best_seen = run.report["best"]["f1"], (run.epoch, run.report, probs)
+    if world()[0]:
+        return
+    out = job.dirs["output"]
+    with run.stop.deferred():
+        if improved:
+            save_checkpoint(job.best_path, run.state_dict(training=False))
+            stems = [job.data.stems[i] for i in job.val_idx]
+            save_val_scores(out / "val_scores.npz", probs, stems, job.data.labels[job.val_idx], run.epoch)
+            write_per_class(out / "per_class.csv", run.report)
+        # last.pth first: from here on a stop leaves a run that resumes after this epoch,
+        # and the resume rewrites metrics.csv from the rows the checkpoint carries.
+        save_checkpoint(job.last_path, run.state_dict())
+        keep_epoch_file(job.last_path, job.dirs["checkpoint"] / f"epoch_{run.epoch:03d}.pth", run.cfg["keep_epochs"])
+        write_metrics_csv(out / "metrics.csv", run.rows)
+    log_tensorboard(job.writer, run.epoch, row, run.report)
+
+
+def stop_run(run, job):
+    """Ctrl-C or SIGTERM mid-epoch: last.pth at this step, the thresholds of the best epoch so far, the command
+    that resumes; exit 130 (143 for SIGTERM)."""
+    if world()[0] == 0:
+        run.report, run.use_ema = None, False       # a mid-epoch state: no validation of its own
+        with run.stop.deferred():
+            save_checkpoint(job.last_path, run.state_dict())
+            finish_thresholds(job.best_path, job.dirs["output"], run.cfg, job.taus, job.log)
+    job.log(f"stopped during epoch {run.epoch}; state saved in {job.last_path}\nresume with:\n"
+            f"  python MS_COCO.py --resume {job.last_path}")
+    if dist.is_initialized():
+        run.stop.settle()
+        dist.barrier()                  # no rank exits, and has torchrun stop the others, before rank 0 is done
+    raise SystemExit(130 if run.stop.signum == signal.SIGINT else 143)
+
+
+def finish_run(run, job):
+    """The end: a refit's export, the thresholds calibrated once, the best epoch's summary and reports."""
+    rank, cfg = world()[0], run.cfg
+    if job.refit and rank == 0:      # the final weights with the source run's thresholds and (seen-image) figures
+        r = job.refit
+        final = run.state_dict(training=False, calibration=r["thresholds"])
+        final.update(val_metrics=r["val_metrics"], best_score=r["best_score"],
+                     refit={"source_run": r["run_id"], "source_epoch": r["epoch"], "epochs": run.epoch})
+        save_checkpoint(job.best_path, final)
+        job.log(f"refit: {job.best_path} (thresholds and validation F1 {r['val_metrics'].get('f1', float('nan')):.4f}"
+                f" of run {r['run_id']})")
+    calibration = finish_thresholds(job.best_path, job.dirs["output"], cfg, job.taus, job.log) if rank == 0 else None
+    if job.best_seen is not None and rank == 0:
+        epoch, report, probs = job.best_seen
+        job.log(f"best epoch {epoch}: F1 {run.best:.4f} at tau {report['tau']:.2f}\n{class_summary(report)}")
+        if cfg["reports"]:
+            write_reports(job, epoch, report, probs, calibration or {})
+    if dist.is_initialized():
+        dist.barrier()                  # rank 0 has written best_model.pth
+    best = load_checkpoint(job.best_path) if job.best_path.is_file() else {"threshold": 0.5, "thresholds": {}}
+    return {"run_id": cfg["run_id"], "best_score": run.best, "best_path": job.best_path, "last_path": job.last_path,
+            "dirs": job.dirs, "threshold": best["threshold"], "thresholds": best["thresholds"]}
+
+
+def finish_thresholds(best_path, out_dir, cfg, taus, log):
+    """Calibrate the export's thresholds once (too slow for every epoch), on the best epoch's stored validation
+    scores, into best_model.pth and thresholds.json. Returns the calibration."""
+    scores = Path(out_dir) / "val_scores.npz"
+    if not best_path.is_file() or not scores.is_file():
+        return None
+    state = load_checkpoint(best_path)
+    if not state["thresholds"].get("provisional"):
+        return state["thresholds"]
+    with np.load(scores) as z:
+        y, probs = z["labels"].astype(bool), z["probs"]
+    t0 = time.time()
+    cal = calibrate_thresholds(y, probs, taus, cfg["thresholds"], seed=cfg["seed"])
+    cal["strength"] = str(cal["strength"])          # inf is not JSON
+    state.update(threshold=cal["threshold"], thresholds=cal)
+    save_checkpoint(best_path, state)
+    atomic_write_text(Path(out_dir) / "thresholds.json", json.dumps(dict(cal, epoch=state["epoch"]), indent=1))
+    held = ", ".join(f"{k} {v:.4f}" for k, v in cal["heldout_f1"].items())
+    log(f"  thresholds: {cal['chosen']} (global tau {cal['global_tau']:.2f}, shrink strength "
+        f"{float(cal['strength']):g}); held-out validation F1 over {cal['folds']} folds: {held} "
+        f"({time.time() - t0:.1f}s)")
+    return cal
+
+
+def save_val_scores(path, probs, stems, labels, epoch):
+    """The best epoch's validation probabilities, stems and labels: what an ensemble fits its thresholds on."""
+    atomic_write_bytes(path, lambda f: np.savez_compressed(
+        f, probs=np.asarray(probs, np.float32), stems=np.asarray(stems, dtype=str),
+        labels=np.asarray(labels, np.uint8), epoch=np.int64(epoch)))
+
+
+def keep_epoch_file(last_path, epoch_path, keep=-1):
+    """The epoch's checkpoint as a hard link to last.pth (else a copy); of the epoch files the newest keep (-1: all)."""
+    epoch_path.unlink(missing_ok=True)
+    try:
+        os.link(last_path, epoch_path)
+    except OSError:
+        shutil.copyfile(last_path, epoch_path)
+    files = sorted(epoch_path.parent.glob("epoch_*.pth"))
+    for f in files[:max(len(files) - keep, 0)] if keep >= 0 else []:
+        f.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------- demo
@@ -1637,560 +2546,11 @@ def run_demo(cfg, given=()):
 
 
 # --------------------------------------------------------------------- main
-def new_run_id():
-    """A timestamp (ids sort by launch time) and a random suffix: launches in one second differ."""
-    return time.strftime("%Y%m%d-%H%M%S-", time.localtime()) + os.urandom(4).hex()
-
-
-CLAIM_FILE = ".run-claim"        # O_EXCL-created in checkpoints/<run_id>/ by the launch that owns the run
-
-
-def run_dirs(cfg, run_id):
-    return {name: Path(cfg[f"{name}_dir"]) / run_id for name in ("checkpoint", "output", "runs")}
-
-
-def check_new_run(dirs, run_id):
-    """A new run may not reuse another's folders; a claim left by a launch that died on this machine is no obstacle."""
-    if any((d / "metrics.csv").exists() or (d / "last.pth").exists() for d in dirs.values()):
-        raise UserError(f"run {run_id} already exists: resume it with --resume "
-                        f"{dirs['checkpoint'] / 'last.pth'} or pick another --run-id")
-    if (dirs["checkpoint"] / CLAIM_FILE).exists() and not dead_claimant(dirs["checkpoint"] / CLAIM_FILE):
-        raise UserError(f"run {run_id} is taken by another launch, still running or on another machine: pick "
-                        f"another --run-id (or, if none is running, delete {dirs['checkpoint']})")
-
-
-def process_alive(pid):
-    """Whether process pid runs on this machine (on Windows os.kill(pid, 0) would stop it)."""
-    if os.name == "nt":
-        import ctypes
-        kernel = ctypes.WinDLL("kernel32", use_last_error=True)
-        handle = kernel.OpenProcess(0x1000, False, pid)             # PROCESS_QUERY_LIMITED_INFORMATION
-        if not handle:
-            return ctypes.get_last_error() == 5                      # access denied: it exists
-        code = ctypes.c_ulong()
-        ok = kernel.GetExitCodeProcess(handle, ctypes.byref(code))
-        kernel.CloseHandle(handle)
-        return not ok or code.value == 259                           # STILL_ACTIVE
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:                                          # another user's
-        pass
-    return True
-
-
-def dead_claimant(claim):
-    """"pid N on HOST" when a claim file names a gone process of this machine, else None (alive, remote, unreadable)."""
-    try:
-        owner = json.loads(Path(claim).read_text())
-        pid, host = int(owner["pid"]), owner["host"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return f"pid {pid} on {host}" if host == platform.node() and not process_alive(pid) else None
-
-
-def claim_run(dirs, run_id, log=print):
-    """Make the run folders (proven writable) and take the run with an O_EXCL claim file unless a live launch has it."""
-    ensure_writable(dirs["checkpoint"], "--checkpoint-dir")
-    claim = dirs["checkpoint"] / CLAIM_FILE
-    try:
-        fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:                     # a dead launch's claim is moved aside first: of several trying, one can
-        dead, moved = dead_claimant(claim), claim.with_name(f"{CLAIM_FILE}.{os.getpid()}")
-        try:
-            if not dead:
-                raise FileExistsError
-            check_new_run(dirs, run_id)                              # it left nothing resumable
-            os.replace(claim, moved)
-            if dead_claimant(moved) != dead:                         # a live claim made meanwhile: give it back
-                os.replace(moved, claim)
-                raise FileExistsError
-            moved.unlink()
-            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except OSError:
-            raise UserError(f"run {run_id} was just taken by another launch: pick another --run-id") from None
-        log(f"run {run_id}: taken over from {dead}, which is gone (killed before its first epoch ended)")
-    with os.fdopen(fd, "w") as f:
-        json.dump({"pid": os.getpid(), "host": platform.node(), "at": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
-    try:
-        for name in ("output", "runs"):
-            ensure_writable(dirs[name], f"--{name}-dir")
-    except UserError:
-        claim.unlink(missing_ok=True)
-        try:
-            dirs["checkpoint"].rmdir()          # only when empty: it was made for this claim
-        except OSError:
-            pass
-        raise
-
-
-def ensure_writable(folder, option):
-    """Create folder and prove it writable with a probe file, or UserError naming the option."""
-    probe = folder / f".write-probe-{os.getpid()}"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"cannot write in {folder} ({exc.strerror or exc}): pass a writable {option}") from None
-
-
-def place_images(images, labels, device, cfg, log, training_bytes=0):
-    """(images, labels) where training reads them: with --data-on-gpu, tensors on the device if the images fit
-    beside training_bytes (from training_memory) with 10% of the free memory to spare, else host arrays."""
-    if not cfg["data_on_gpu"]:
-        return images, labels
-    if device.type == "cuda":
-        torch.cuda.empty_cache()                # mem_get_info counts PyTorch's cached blocks as used
-        free = torch.cuda.mem_get_info(device)[0]
-        fits = images.nbytes + training_bytes <= 0.9 * free
-        log(f"data: {images.nbytes / 2**30:.2f} GiB of images + {training_bytes / 2**30:.2f} GiB estimated for "
-            f"training, {free / 2**30:.1f} GiB free on the GPU: images "
-            + ("kept on the GPU" if fits else "stay in host memory"))
-        if not fits:
-            return images, labels
-    with warnings.catch_warnings():             # a read-only memory map: tensors over it are only read
-        warnings.filterwarnings("ignore", message=".*not writable.*")
-        if device.type == "cpu":
-            return torch.from_numpy(images), to_device(labels, device)
-        out = torch.empty(images.shape, dtype=torch.uint8, device=device)
-        for lo in range(0, len(images), 4096):   # in chunks: no second full copy in host RAM
-            out[lo:lo + 4096].copy_(torch.from_numpy(images[lo:lo + 4096]))
-    return out, to_device(labels, device)
-
-
-def optimizer_state_to_come(optimizer):
-    """Bytes of optimizer state not allocated yet: Adam's two moments per trainable weight without state."""
-    per = 2 if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) else 0
-    return sum(per * p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"]
-               if p.requires_grad and not optimizer.state.get(p))
-
-
-def training_memory(model, optimizer, criterion, device, cfg):
-    """CUDA only: what the images must leave free: the peak of one real training step above what is allocated
-    now (cuDNN autotuning off, BatchNorm statistics restored), plus the optimizer state still to come."""
-    if device.type != "cuda" or not cfg["data_on_gpu"]:
-        return 0
-    saved = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(("weight", "bias"))}
-    benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    try:
-        x8 = torch.randint(0, 256, (cfg["batch_size"], 3, cfg["image_size"], cfg["image_size"]), dtype=torch.uint8,
-                           device=device)
-        x = augment_batch(x8, torch.Generator(device=device).manual_seed(0), cfg["crop_scale_min"], cfg["hflip"],
-                          *normalisation(cfg["arch"]))
-        with autocast(device, cfg["amp"]):
-            loss = criterion(model(x).float(), torch.zeros(len(x), NUM_CLASSES, device=device))
-        loss.backward()
-        peak = torch.cuda.max_memory_allocated(device) - base
-    finally:
-        torch.backends.cudnn.benchmark = benchmark
-        model.zero_grad(set_to_none=True)
-        model.load_state_dict(saved, strict=False)
-    return int(peak + optimizer_state_to_come(optimizer))
-
-
-def given_keys(cfg, given=None):
-    """The keys set explicitly: given, or (a config passed to train() in Python) those differing from the defaults."""
-    if given is not None:
-        return set(given)
-    return {k for k, v in default_config().items() if k in cfg and cfg[k] != v}
-
-
-def evaluate_both(net, ema, images, labels, val_idx, device, cfg, taus, features=None):
-    """Validation of the raw weights and, with EMA on, of the averaged ones: the better counts."""
-    val_loss, probs = evaluate(net, images, labels, val_idx, device, cfg, features)
-    report = validation_report(labels[val_idx], probs, taus)
-    if ema is not None:
-        e_loss, e_probs = evaluate(ema.module, images, labels, val_idx, device, cfg, features)
-        e_report = validation_report(labels[val_idx], e_probs, taus)
-        if e_report["best"]["f1"] > report["best"]["f1"]:
-            return e_loss, e_probs, e_report, True
-    return val_loss, probs, report, False
-
-
-def train(cfg, log=print, given=None):
-    """The whole training run, cfg updated in place to the resolved settings; returns a summary dict. Under torchrun
-    every rank runs it: rank 0 alone logs, claims the run and writes, the others wait where its outcome matters."""
-    rank = world()[0]
-    log = log if rank == 0 else lambda *_, **__: None
-    resume, source, device = together(lambda: resolve_settings(cfg, given, log))
-    run_id = cfg["run_id"] = from_rank0(resume["run_id"] if resume else (cfg["run_id"] or new_run_id()))
-    dirs = run_dirs(cfg, run_id)
-    together(lambda: check_new_run(dirs, run_id), run=rank == 0 and not resume)
-    torch.manual_seed(cfg["seed"])
-    model = build_model(cfg["arch"], "none" if resume else cfg["weights"], NUM_CLASSES, cfg["freeze"])
-    check_input_size(model, cfg["image_size"])
-    local_first = int(os.environ.get("LOCAL_RANK", 0)) == 0     # one process a machine builds the image cache
-    data = together(lambda: load_train_set(cfg, log), run=local_first)
-    data = together(lambda: load_train_set(cfg, log), run=not local_first) or data
-    split_path = dirs["output"] / "split.json"
-    if resume:
-        if not split_path.is_file():
-            raise UserError(f"{split_path} is missing: without its split a resumed run would validate on images "
-                            f"it trained on; start a new run instead")
-        split, pos = json.loads(split_path.read_text()), {s: i for i, s in enumerate(data.stems)}
-        if missing := [s for s in split["train"] + split["val"] if s not in pos]:
-            raise UserError(f"{split_path} names {len(missing)} image(s) no longer in the data, e.g. {missing[:3]}: "
-                            f"the dataset changed since this run started")
-        train_idx, val_idx = (np.array([pos[s] for s in split[part]], int) for part in ("train", "val"))
-    elif source:
-        train_idx, val_idx = usable_rows(data), np.zeros(0, int)     # every labelled image trains
-    else:
-        usable = usable_rows(data)
-        train_idx, val_idx = (usable[i] for i in make_split(data.labels[usable], cfg["val_fraction"], cfg["seed"]))
-    if (len(val_idx) == 0 and not cfg["refit_from"]) or len(train_idx) == 0:
-        capped = cfg["max_images"] and len(data.stems) >= cfg["max_images"]      # the user's option, not the data
-        raise UserError(f"{len(data.stems)} images are too few for a train/validation split; " +
-                        (f"raise --max-images {cfg['max_images']} (0 uses all)" if capped else
-                         "add images or raise --val-fraction"))
-    created = {d for d in dirs.values() if not d.exists()}
-    last_path = dirs["checkpoint"] / "last.pth"
-    together(lambda: reopen_run(dirs) if resume else claim_run(dirs, run_id, log), run=rank == 0)
-    try:
-        together(lambda: save_run_files(cfg, dirs, data, train_idx, val_idx, resume), run=rank == 0)
-        return fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume, source)
-    except (Exception, KeyboardInterrupt) as exc:
-        if rank == 0 and not (resume or last_path.is_file()):     # nothing resumable: removed, the command redoes it
-            for d in created:
-                shutil.rmtree(d, ignore_errors=True)
-            log(f"run {run_id} removed: it stopped before its first checkpoint, so nothing could be resumed; "
-                f"the same command starts it again")
-        elif isinstance(exc, KeyboardInterrupt):
-            log(f"interrupted: {last_path} keeps the last completed epoch; resume with:\n"
-                f"  python MS_COCO.py --resume {last_path}")
-        if isinstance(exc, KeyboardInterrupt):
-            raise SystemExit(130) from None
-        raise
-
-
-def resolve_settings(cfg, given, log):
-    """(resumed state, refit source, device) with cfg updated to the run's settings; UserError where they cannot run."""
-    resume = load_checkpoint(cfg["resume"]) if cfg["resume"] else None
-    if resume and "optimizer" not in resume:
-        raise UserError(f"{cfg['resume']} holds the weights to export, not the training state: resume from "
-                        f"last.pth (or an epoch_NNN.pth) in the same folder")
-    source = load_checkpoint(cfg["refit_from"]) if cfg["refit_from"] and not resume else None
-    given = given_keys(cfg, given)
-    cfg.update(refit_settings(cfg, given, source, log) if source else
-               merge_settings(cfg, given, resume["config"] if resume else None, log))
-    if cfg["refit_from"] and not source:        # a resumed refit: its thresholds still come from the source
-        source = load_checkpoint(cfg["refit_from"])
-    if resume and (done := resume["epoch"] - 1 if resume["step"] else resume["epoch"]) >= cfg["epochs"]:
-        raise UserError(f"run {resume['run_id']} has already trained {done} of its {cfg['epochs']} epochs: "
-                        f"pass --epochs N with N > {done} to train further")
-    if cfg["batch_size"] % world()[1]:
-        raise UserError(f"--batch-size {cfg['batch_size']} does not divide among {world()[1]} processes: pass a "
-                        f"multiple of {world()[1]}")
-    device = pick_device(cfg["device"])
-    if device.type == "cuda" and dist.is_initialized():
-        device = torch.device("cuda", torch.cuda.current_device())     # torchrun's LOCAL_RANK
-    if cfg["sync_bn"] and dist.is_initialized() and device.type != "cuda":
-        raise UserError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm runs on CUDA only): leave it out on the CPU")
-    return resume, source, device
-
-
-def reopen_run(dirs):
-    """A resumed run's folders, proven writable, without the temporary files of a killed save."""
-    for name, d in dirs.items():
-        ensure_writable(d, f"--{name}-dir")
-    for stale in dirs["checkpoint"].glob(".*.tmp"):
-        stale.unlink(missing_ok=True)
-
-
-def save_run_files(cfg, dirs, data, train_idx, val_idx, resume):
-    """A new run's split, and the resolved config."""
-    if not resume:
-        split = {"seed": cfg["seed"], "val_fraction": cfg["val_fraction"],
-                 "train": [data.stems[i] for i in train_idx], "val": [data.stems[i] for i in val_idx]}
-        atomic_write_text(dirs["output"] / "split.json", json.dumps(split, indent=0))
-    atomic_write_text(dirs["output"] / "config.json", json.dumps(cfg, indent=2))
-
-
-def refit_settings(cfg, given, source, log=print):
-    """The source run's settings, its best epoch count and epoch-based schedule scaled by train / (train +
-    validation): the refit takes as many steps as the run that validated them."""
-    merged = merge_settings(cfg, given - {"run_id", "refit_from"}, source["config"], log)
-    split_path = Path(source["config"]["output_dir"]) / source["run_id"] / "split.json"
-    if not split_path.is_file():
-        raise UserError(f"{split_path} is missing: a refit needs the split of run {source['run_id']} (launch it "
-                        f"from the folder that run was started in, or restore that file)")
-    split = json.loads(split_path.read_text())
-    scale = len(split["train"]) / max(len(split["train"]) + len(split["val"]), 1)
-    merged.update(refit_from=cfg["refit_from"], resume="", run_id=cfg["run_id"] if "run_id" in given else
-                  f"{source['run_id']}-refit", epochs=max(1, round(source["epoch"] * scale)),
-                  lr_step=max(1, round(merged["lr_step"] * scale)), warmup_epochs=merged["warmup_epochs"] * scale,
-                  head_epochs=min(round(merged["head_epochs"] * scale), max(round(source["epoch"] * scale) - 1, 0)))
-    log(f"refit of run {source['run_id']} (best epoch {source['epoch']}): {merged['epochs']} epochs on "
-        f"train + validation, its thresholds kept")
-    return merged
-
-
-def rebase_schedule(optimizer, scheduler, step):
-    """Put the learning rate where a fresh run with this launch's settings is at this step (a resume may change
-    --lr or --batch-size): scheduler, built before the resumed optimizer state, is stepped forward from its start."""
-    for g, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
-        g["lr"] = lr
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")             # "scheduler.step() before optimizer.step()": on purpose
-        for _ in range(step):
-            scheduler.step()
-
-
-def fit(cfg, log, model, data, train_idx, val_idx, device, dirs, resume, refit=None):
-    """The epochs of a claimed run, then its thresholds; refit (the source run's checkpoint) validates nothing."""
-    run_id = cfg["run_id"]
-    log(f"run {run_id}: {len(train_idx)} train / {len(val_idx)} val images, {cfg['arch']} "
-        f"({cfg['weights']}) at {cfg['image_size']}px on {device}, batch {cfg['batch_size']}, {cfg['epochs']} epochs"
-        + (f", recipe {cfg['recipe']}" if cfg["recipe"] != "default" else ""))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)               # what follows the current device follows --device (cuda:1)
-        torch.backends.cudnn.benchmark = True       # fixed input shapes: let cuDNN pick its fastest kernels
-    if resume:
-        model.load_state_dict(resume.get("raw_model") or resume["model"])
-    model.to(device)
-    if device.type == "cuda" and cfg["channels_last"]:
-        model = model.to(memory_format=torch.channels_last)
-    rank, n = world()
-    if cfg["sync_bn"] and dist.is_initialized():
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    train_labels = data.labels[train_idx]
-    if cfg["head_bias_prior"] and not resume:
-        init_head_bias(model, train_labels)
-    repeat = repeat_factors(train_labels, cfg["sampling_threshold"]) if cfg["class_balance"] == "sampling" else None
-    rows_per_epoch = round(float(repeat.sum())) if repeat is not None else len(train_idx)
-    steps_per_epoch = count_steps(rows_per_epoch, cfg["batch_size"], drop_last=cfg["compile"], world=n)
-    optimizer = build_optimizer(cfg, model)
-    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
-    criterion = build_criterion(cfg).to(device)
-    ema, scaler = build_ema(model, cfg), make_scaler(device, cfg)
-    best_path, last_path = dirs["checkpoint"] / "best_model.pth", dirs["checkpoint"] / "last.pth"
-    start_epoch, start_step, carry, best, rows = 1, 0, None, -1.0, []
-    if resume:                                  # optimizer, schedule, EMA, scaler, RNG, best score and rows
-        optimizer.load_state_dict(resume["optimizer"])
-        if ema is not None and resume.get("ema"):
-            ema.load_state_dict(resume["ema"])
-        if resume.get("scaler"):
-            scaler.load_state_dict(resume["scaler"])
-        torch.set_rng_state(resume["torch_rng"])
-        best = resume["best_score"]
-        if best_path.is_file():                                  # a kill between the two saves
-            best = max(best, load_checkpoint(best_path)["best_score"])
-        start_epoch = resume["epoch"] if resume["step"] else resume["epoch"] + 1     # a stopped epoch runs again
-        if resume["step"] and cfg["batch_size"] == resume["config"]["batch_size"]:
-            start_step, carry = resume["step"], tuple(resume["carry"])
-        elif resume["step"]:
-            log(f"--batch-size changed: epoch {start_epoch} restarts from its first step")
-        trained = max(start_epoch - 1 - cfg["head_epochs"], 0) * steps_per_epoch     # head epochs: no scheduled step
-        rebase_schedule(optimizer, scheduler, trained + (start_step if start_epoch > cfg["head_epochs"] else 0))
-        rows = [r for r in resume.get("metrics") or [] if r["epoch"] < start_epoch]   # match its epoch exactly
-        log(f"resuming run {run_id} at epoch {start_epoch}" + (f", step {start_step}" if start_step else "")
-            + f" (best F1 so far {best:.4f})")
-    net, wrapped = model, None
-    out_of_memory = (f"CUDA ran out of memory at batch size {cfg['batch_size']}: try --batch-size "
-                     f"{max(cfg['batch_size'] // 2, 1)}")
-    try:
-        need = training_memory(model, optimizer, criterion, device, dict(cfg, batch_size=cfg["batch_size"] // n))
-    except torch.cuda.OutOfMemoryError:
-        raise UserError(out_of_memory) from None
-    images, labels = place_images(data.images, data.labels, device, cfg, log, need)
-    val_y = data.labels[val_idx]
-    taus = threshold_grid(cfg["threshold_min"], cfg["threshold_max"], cfg["threshold_step"])
-    from torch.utils.tensorboard import SummaryWriter
-    writer = SummaryWriter(str(dirs["runs"]), purge_step=start_epoch if resume else None) if rank == 0 else None
-    save = save_checkpoint if rank == 0 else lambda *_: None        # rank 0 writes; all ranks hold the same state
-    stop = StopFlag().install()
-    epoch, best_seen, features = start_epoch, None, None
-
-    def state(report, use_ema=False, step=0, carry_now=None, calibration=None, training=True):
-        return checkpoint_state(model, optimizer, cfg, run_id, epoch, step, best, report, carry_now,
-                                ema, use_ema, calibration, rows, scaler, training)
-
-    try:
-        for epoch in range(start_epoch, cfg["epochs"] + 1):
-            lr = max(g["lr"] for g in optimizer.param_groups)
-            head_only = freeze_for_epoch(model, cfg, epoch)
-            # on cached backbone features: in the probe epochs, and for a frozen backbone when nothing is augmented
-            cached = head_only and (epoch <= cfg["head_epochs"] or (cfg["crop_scale_min"] >= 1 and not cfg["hflip"]))
-            if cached and features is None:
-                rows_all = np.sort(np.concatenate([train_idx, val_idx]))   # one cache for every split
-                features = torch.from_numpy(cached_features(model, data, device, cfg, rows_all, log)).to(device)
-            on_features = features if cached else None
-            if [p.requires_grad for p in model.parameters()] != wrapped:
-                net, wrapped = wrap_for_training(model, device, cfg), [p.requires_grad for p in model.parameters()]
-            try:
-                if epoch <= cfg["head_epochs"]:
-                    train_loss, seen, seconds = train_head(net, optimizer, features, labels, train_idx, val_idx,
-                                                           data.labels, device, cfg, epoch, taus, log,
-                                                           criterion=criterion, ema=ema, repeat=repeat, scaler=scaler)
-                else:
-                    train_loss, seen, seconds = train_one_epoch(
-                        net, optimizer, images, labels, train_idx, device, cfg, epoch,
-                        start_step if epoch == start_epoch else 0, carry if epoch == start_epoch else None, stop,
-                        lambda step, now: save(last_path, state(None, step=step, carry_now=now)),
-                        scheduler=scheduler, criterion=criterion, ema=ema, repeat=repeat, head_only=head_only,
-                        features=on_features, scaler=scaler)
-                if dist.is_initialized():
-                    same_as_rank0(model, *([ema.module] if ema else []))
-                t_val = time.time()
-                if refit:                       # nothing left to validate on: the source run's figures stand
-                    val_loss, probs, report, use_ema = float("nan"), None, None, refit["weights_source"] == "ema"
-                else:
-                    val_loss, probs, report, use_ema = evaluate_both(    # not through DDP: shards differ in size
-                        model if dist.is_initialized() else net, ema, images, data.labels, val_idx, device, cfg, taus,
-                        on_features)
-            except torch.cuda.OutOfMemoryError:
-                on_device = " or --no-data-on-gpu" if isinstance(images, torch.Tensor) else ""
-                raise UserError(out_of_memory + on_device) from None
-            row = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "val_loss": val_loss,
-                   **(scalar_metrics(report) if report else dict.fromkeys(METRIC_COLUMNS[4:12], float("nan"))),
-                   "ema": int(use_ema), "images_per_s": seen / max(seconds, 1e-9),
-                   "epoch_s": seconds + time.time() - t_val}
-            rows.append(row)
-            improved = report and report["best"]["f1"] > best      # the same on every rank: gathered validation
-            if improved:
-                best, best_seen = report["best"]["f1"], (epoch, report, probs)
-            if rank:
-                continue
-            if improved:
-                save_checkpoint(best_path, state(report, use_ema, training=False))
-                stems = [data.stems[i] for i in val_idx]
-                save_val_scores(dirs["output"] / "val_scores.npz", probs, stems, val_y, epoch)
-                write_per_class(dirs["output"] / "per_class.csv", report)
-            # last.pth first: from here on a stop leaves a run that resumes after this epoch,
-            # and the resume rewrites metrics.csv from the rows the checkpoint carries.
-            save_checkpoint(last_path, state(report, use_ema))
-            keep_epoch_file(last_path, dirs["checkpoint"] / f"epoch_{epoch:03d}.pth", cfg["keep_epochs"])
-            write_metrics_csv(dirs["output"] / "metrics.csv", rows)
-            log_tensorboard(writer, epoch, row, report)
-            log(epoch_line(epoch, cfg["epochs"], row))
-        if refit:       # the export: the final weights with the source run's thresholds and (seen-image) figures
-            final = state(None, use_ema, calibration=refit["thresholds"], training=False)
-            final.update(val_metrics=refit["val_metrics"], best_score=refit["best_score"],
-                         refit={"source_run": refit["run_id"], "source_epoch": refit["epoch"], "epochs": epoch})
-            save(best_path, final)
-            log(f"refit: {best_path} (thresholds and validation F1 {refit['val_metrics'].get('f1', float('nan')):.4f}"
-                f" of run {refit['run_id']})")
-        calibration = finish_thresholds(best_path, dirs["output"], cfg, taus, log) if rank == 0 else None
-        if best_seen is not None and rank == 0:
-            b_epoch, b_report, b_probs = best_seen
-            log(f"best epoch {b_epoch}: F1 {best:.4f} at tau {b_report['tau']:.2f}\n{class_summary(b_report)}")
-            if cfg["reports"]:
-                export_side().write_reports(dirs["output"], writer, b_epoch, b_report, b_probs, val_y, data.images,
-                                            val_idx, calibration or {}, log)
-    except StopRequested:
-        if rank == 0:
-            finish_thresholds(best_path, dirs["output"], cfg, taus, log)
-        log(f"stopped during epoch {epoch}; state saved in {last_path}\nresume with:\n"
-            f"  python MS_COCO.py --resume {last_path}")
-        if dist.is_initialized():
-            stop.settle()
-            dist.barrier()                      # no rank exits, and has torchrun stop the others, before rank 0 is done
-        raise SystemExit(130 if stop.signum == signal.SIGINT else 143)
-    finally:
-        stop.restore()
-        if writer:
-            writer.close()
-    if dist.is_initialized():
-        dist.barrier()                      # rank 0 has written best_model.pth
-    best_state = load_checkpoint(best_path) if best_path.is_file() else {"threshold": 0.5, "thresholds": {}}
-    return {"run_id": run_id, "best_score": best, "best_path": best_path, "last_path": last_path, "dirs": dirs,
-            "threshold": best_state["threshold"], "thresholds": best_state["thresholds"]}
-
-
-def export_side():
-    """MS_COCO_test, imported on first use (it imports this module): it owns the calibration and the reports."""
-    import MS_COCO_test         # ensembles recalibrate with the same code, so it lives in the export script
-    return MS_COCO_test
-
-
-def finish_thresholds(best_path, out_dir, cfg, taus, log):
-    """Calibrate the export's thresholds once (too slow for every epoch), on the best epoch's stored validation
-    scores, into best_model.pth and thresholds.json. Returns the calibration."""
-    scores = Path(out_dir) / "val_scores.npz"
-    if not best_path.is_file() or not scores.is_file():
-        return None
-    state = load_checkpoint(best_path)
-    if not state["thresholds"].get("provisional"):
-        return state["thresholds"]
-    with np.load(scores) as z:
-        y, probs = z["labels"].astype(bool), z["probs"]
-    t0 = time.time()
-    cal = export_side().calibrate_thresholds(y, probs, taus, cfg["thresholds"], seed=cfg["seed"])
-    cal["strength"] = str(cal["strength"])          # inf is not JSON
-    state.update(threshold=cal["threshold"], thresholds=cal)
-    save_checkpoint(best_path, state)
-    atomic_write_text(Path(out_dir) / "thresholds.json", json.dumps(dict(cal, epoch=state["epoch"]), indent=1))
-    held = ", ".join(f"{k} {v:.4f}" for k, v in cal["heldout_f1"].items())
-    log(f"  thresholds: {cal['chosen']} (global tau {cal['global_tau']:.2f}, shrink strength "
-        f"{float(cal['strength']):g}); held-out validation F1 over {cal['folds']} folds: {held} "
-        f"({time.time() - t0:.1f}s)")
-    return cal
-
-
-def train_head(model, optimizer, features, labels, train_idx, val_idx, y_all, device, cfg, epoch, taus, log,
-               **kwargs):
-    """A --head-epochs epoch: passes over the cached features until the head's validation F1 (a refit's: its training
-    loss) stops improving for --head-patience passes, keeping the best head; the schedule does not count them."""
-    head, labels = head_module(unwrap(model)), to_device(labels, features.device)
-    best, kept, stale, loss_sum, seen, seconds, passes = -math.inf, None, 0, 0.0, 0, 0.0, 0
-    scheduled = [g["lr"] for g in optimizer.param_groups]
-    for g in optimizer.param_groups:                # at LR: the schedule (warm-up first) starts after the probe
-        g["lr"] = cfg["lr"] * g.get("lr_scale", 1.0)
-    while stale < cfg["head_patience"] and passes < HEAD_MAX_PASSES:
-        loss, n, sec = train_one_epoch(model, optimizer, None, labels, train_idx, device,
-                                       dict(cfg, seed=cfg["seed"] * HEAD_MAX_PASSES + passes),   # each pass its order
-                                       epoch, head_only=True, features=features, **kwargs)
-        passes, loss_sum, seen, seconds = passes + 1, loss_sum + loss * n, seen + n, seconds + sec
-        score = -loss                               # a refit's: nothing to validate on
-        if len(val_idx):
-            probs = evaluate(model, None, y_all, val_idx, device, dict(cfg, tta=False), features)[1]
-            score = validation_report(y_all[val_idx], probs, taus)["best"]["f1"]
-        if score > best + 1e-4:
-            best, stale, kept = score, 0, {k: v.clone() for k, v in head.state_dict().items()}
-        else:
-            stale += 1
-    head.load_state_dict(kept)
-    for g, lr in zip(optimizer.param_groups, scheduled):
-        g["lr"] = lr
-    log(f"  head: {passes} passes over the cached features ({seconds:.1f}s), the best of them kept "
-        f"({'validation F1' if len(val_idx) else '-training loss'} {best:.4f})")
-    return loss_sum / max(seen, 1), seen, seconds
-
-
-def freeze_for_epoch(model, cfg, epoch):
-    """The head alone during the --head-epochs, then what --freeze says; True in a head-only epoch."""
-    model.requires_grad_(True)
-    apply_freeze(model, "backbone" if epoch <= cfg["head_epochs"] else cfg["freeze"])
-    return epoch <= cfg["head_epochs"] or cfg["freeze"] == "backbone"
-
-
-def save_val_scores(path, probs, stems, labels, epoch):
-    """The best epoch's validation probabilities, stems and labels: what an ensemble fits its thresholds on."""
-    atomic_write_bytes(path, lambda f: np.savez_compressed(
-        f, probs=np.asarray(probs, np.float32), stems=np.asarray(stems, dtype=str),
-        labels=np.asarray(labels, np.uint8), epoch=np.int64(epoch)))
-
-
-def keep_epoch_file(last_path, epoch_path, keep=-1):
-    """The epoch's checkpoint as a hard link to last.pth (else a copy); of the epoch files the newest keep (-1: all)."""
-    epoch_path.unlink(missing_ok=True)
-    try:
-        os.link(last_path, epoch_path)
-    except OSError:
-        shutil.copyfile(last_path, epoch_path)
-    files = sorted(epoch_path.parent.glob("epoch_*.pth"))
-    for f in files[:max(len(files) - keep, 0)] if keep >= 0 else []:
-        f.unlink(missing_ok=True)
-
-
 def main(argv=None):
+    cfg = {}
     try:
-        join_processes()                        # under torchrun; then every rank learns any rank's bad option
-        cfg, given = together(lambda: parse_options(sys.modules[__name__], "Train a multi-label MS-COCO classifier.",
-                                                    argv))
+        cfg, given = parse_options(importlib.import_module(__name__), "Train a multi-label MS-COCO classifier.", argv)
+        join_processes(cfg["dist_timeout"])         # under torchrun
         (run_demo if cfg["demo"] else train)(cfg, given=given)
     except UserError as exc:
         sys.stderr.write(f"error: {exc}\n")          # one write: ranks under torchrun do not interleave
@@ -2198,11 +2558,31 @@ def main(argv=None):
     except KeyboardInterrupt:   # before the run was claimed (later ones are caught by StopFlag and train)
         print("interrupted before training started: nothing to resume, run the same command again", file=sys.stderr)
         raise SystemExit(130)
+    except Exception as exc:
+        if not dist.is_initialized():
+            raise
+        rank_failed(exc, cfg)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
+def rank_failed(exc, cfg):
+    """Under torchrun an error on one rank: one line saying which rank and why, and how to resume; exit 1 (torchrun
+    then stops the other ranks)."""
+    last = Path(cfg.get("checkpoint_dir", CHECKPOINT_DIR)) / (cfg.get("run_id") or "<run_id>") / "last.pth"
+    text = str(exc).lower().replace(" ", "").replace("-", "")
+    timed_out = isinstance(exc, dist.DistError) and ("timeout" in text or "timedout" in text)
+    silent = ", ".join(map(str, silent_ranks())) if timed_out else ""
+    why = (f"rank {silent or '?'} stopped answering: no collective finished within --dist-timeout "
+           f"{cfg.get('dist_timeout', DIST_TIMEOUT):g} minutes (a hung GPU or a frozen node?)" if timed_out else
+           "another rank stopped (its error is above)" if isinstance(exc, dist.DistError) else
+           f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}")
+    resume = (f"resume with: torchrun ... MS_COCO.py --resume {last}" if last.is_file() else
+              "nothing was saved yet: run the same command again")
+    sys.stderr.write(f"error: rank {world()[0]}: {why}; every rank stops; {resume}\n")
+    raise SystemExit(1)
+
+
 if __name__ == "__main__":
-    sys.modules.setdefault("MS_COCO", sys.modules[__name__])   # MS_COCO_test's `import MS_COCO` gets this module
     main()

@@ -9,15 +9,10 @@
     python MS_COCO_test.py --labels path/to/labels           # also score the predictions like the leaderboard
     python MS_COCO_test.py --predictions predictions.json --labels path/to/labels   # score a file only
 
-The checkpoint carries everything needed: architecture, image size, normalisation and the
-threshold(s) tuned on validation. Preprocessing is imported from MS_COCO.py, never copied.
-An ensemble averages its models' sigmoid probabilities (each model at its own image size,
-normalisation, TTA and AMP setting, one model in memory at a time) and fits its thresholds
-anew with calibrate_thresholds (below; training calibrates with it too) on the runs' averaged validation scores
-(outputs/<run_id>/val_scores.npz): only when every run has the same validation split, as
-thresholds fitted on one run's validation images would otherwise be judged on images another
-run trained on. Runs with different splits need --threshold-value.
-The JSON maps every test image's stem to its class ids, ascending: {"000000000139": [56, 60], ...}.
+A checkpoint carries its architecture, image size, normalisation and thresholds; preprocessing is MS_COCO.py's.
+An ensemble averages its models' probabilities (each at its own settings, one in memory at a time) and fits its
+thresholds anew with MS_COCO.calibrate_thresholds on the runs' averaged validation scores, only when the runs share
+one validation split (else --threshold-value). The JSON maps each test image's stem to its ascending class ids.
 """
 
 import argparse
@@ -46,171 +41,19 @@ LOADER_THREADS = 0                          # decode threads (0 = one per core)
 THRESHOLDS = ""                             # "" = the checkpoint's choice | global | per_class (ensembles refit it)
 ENSEMBLE_WEIGHTS = ""                       # one weight per --ckpt, e.g. "0.5,0.3,0.2" ("" = equal; 0 leaves a run out)
 THRESHOLD_VALUE = 0.0                       # fixed global threshold in (0, 1) instead of fitted ones (0 = unused); needed when ensembled runs have different validation splits
-# --threshold-value exists because an ensemble of runs with different splits has no validation
-# images that none of its models trained on: no threshold can be fitted honestly, so the user
-# names one.
-# --ckpt/--ckpt-path (several values), --tta/--no-tta and --amp/--no-amp are added in
-# parse_config: a list and two "follow each checkpoint unless forced" switches are not constants.
+# --threshold-value: runs with different splits share no validation image none of them trained on, so no threshold
+# can be fitted honestly. --ckpt (a list), --tta and --amp ("as each checkpoint, unless forced") come from parse_config.
 
 # training's --thresholds choices, one list for both scripts (no trailing comment: not an option of this one)
 THRESHOLD_OPTIONS = M.CHOICES["thresholds"]
 CHOICES = {"thresholds": ("",) + THRESHOLD_OPTIONS}
 RANGES = {"batch_size": "[1, 65536]", "loader_threads": "[0, 4096]", "threshold_value": "[0, 1)"}
-# What a checkpoint holds besides its description: an ensemble keeps only the description of
-# each run and loads the weights again when that model's turn comes (one model in memory).
+# A checkpoint's weights: an ensemble keeps each run's description and reloads these in its turn (one in memory).
 WEIGHT_KEYS = ("model", "raw_model", "ema", "optimizer", "scheduler", "torch_rng", "metrics")
 FIXED_THRESHOLD_HINT = "or pass --threshold-value T (a fixed global threshold, e.g. 0.3) to export them anyway"
 
 
-# -------------------------------------------------------------- calibration
-# The export's thresholds, fitted once at the end of training (MS_COCO.finish_thresholds) and anew for ensembles.
-def fit_class_thresholds(y_true, probs, taus, start_tau, rounds=10):
-    """Per-class thresholds that maximise the challenge F1 jointly (P and R are averaged over classes first, so
-    each class's best cut-off depends on the others): coordinate ascent from tau* until nothing improves."""
-    taus = np.asarray(taus, np.float64)
-    prec, rec, w = M.class_rates(y_true, probs, taus)
-    idx = np.full(prec.shape[1], int(np.argmin(np.abs(taus - start_tau))))
-    cols = np.arange(prec.shape[1])
-    P, R = (prec[idx, cols] * w).sum(), (rec[idx, cols] * w).sum()
-    for _ in range(rounds):
-        moved = False
-        for c in np.flatnonzero(w > 0):
-            P_c = P - w[c] * prec[idx[c], c] + w[c] * prec[:, c]
-            R_c = R - w[c] * rec[idx[c], c] + w[c] * rec[:, c]
-            f = M.harmonic(P_c, R_c)
-            best = int(np.argmax(f))
-            if f[best] > f[idx[c]] + 1e-12:
-                idx[c], moved = best, True
-            P, R = P_c[idx[c]], R_c[idx[c]]
-        if not moved:
-            break
-    return np.where(w > 0, taus[idx], start_tau)
-
-
-def shrink_thresholds(class_taus, global_tau, positives, strength):
-    """Each class's threshold pulled toward the global one, the more the fewer its validation positives:
-    (n * tau_c + k * tau) / (n + k); strength k = inf: the global one."""
-    if np.isinf(strength):
-        return np.full(len(class_taus), float(global_tau))
-    n = np.asarray(positives, np.float64)
-    pulled = (n * class_taus + strength * global_tau) / np.maximum(n + strength, 1e-12)
-    return np.round(np.where(n + strength > 0, pulled, global_tau), 6)   # no positives: the global one
-
-
-SHRINK_STRENGTHS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, float("inf"))   # pulls toward tau*, chosen by CV
-
-
-def option_thresholds(name, tau, per_class):
-    return per_class if name == "per_class" else tau
-
-
-def folds_of(n, k, seed):
-    order = np.random.default_rng(seed).permutation(n)
-    return [np.sort(order[i::k]) for i in range(k)]
-
-
-def fit_thresholds(y, probs, taus, strength=None, folds=4, seed=0):
-    """Global tau* and shrunk per-class thresholds, the strength chosen by cross-validation unless given."""
-    tau = M.best_threshold(M.sweep_thresholds(y, probs, taus))[0]
-    if strength is None:
-        scores = {k: np.zeros_like(y, bool) for k in SHRINK_STRENGTHS}
-        for held in folds_of(len(y), folds, seed):
-            fit = np.setdiff1d(np.arange(len(y)), held)
-            t_fit = M.best_threshold(M.sweep_thresholds(y[fit], probs[fit], taus))[0]
-            raw = fit_class_thresholds(y[fit], probs[fit], taus, t_fit)
-            for k in SHRINK_STRENGTHS:
-                scores[k][held] = M.binarize(probs[held], shrink_thresholds(raw, t_fit, y[fit].sum(0), k))
-        cv = {k: M.challenge_scores(y, pred)["f1"] for k, pred in scores.items()}
-        strength = max(SHRINK_STRENGTHS, key=lambda k: (cv[k], k))     # ties: the stronger pull
-    per_class = shrink_thresholds(fit_class_thresholds(y, probs, taus, tau), tau, y.sum(0), strength)
-    return tau, per_class, strength
-
-
-def calibrate_thresholds(y, probs, taus, mode=M.THRESHOLDS, folds=5, seed=0, repeats=3):
-    """The export's thresholds (mode: a THRESHOLD_OPTIONS name) and each option's held-out F1: fitted on 4/5 of
-    validation, scored on the other fifth, averaged over `repeats` splits (one is noisy on a small set)."""
-    y, probs = np.asarray(y, bool), np.asarray(probs, np.float64)
-    heldout = dict.fromkeys(THRESHOLD_OPTIONS, 0.0)
-    for r in range(repeats):
-        oof = {name: np.zeros_like(y, bool) for name in THRESHOLD_OPTIONS}
-        for held in folds_of(len(y), folds, seed + r):
-            fit = np.setdiff1d(np.arange(len(y)), held)
-            tau, per_class, _ = fit_thresholds(y[fit], probs[fit], taus, seed=seed + r)
-            for name in THRESHOLD_OPTIONS:
-                oof[name][held] = M.binarize(probs[held], option_thresholds(name, tau, per_class))
-        for name, pred in oof.items():
-            heldout[name] += M.challenge_scores(y, pred)["f1"] / repeats
-    chosen = "global" if mode.startswith("global") else "per_class"   # an older run's +top1 or auto: the nearest
-    tau, per_class, strength = fit_thresholds(y, probs, taus, seed=seed)
-    per_class = [float(t) for t in per_class]
-    return {"chosen": chosen, "threshold": option_thresholds(chosen, float(tau), per_class),
-            "global_tau": float(tau), "per_class": per_class, "strength": strength,
-            "heldout_f1": heldout, "folds": folds, "repeats": repeats}
-
-
-# ------------------------------------------------------------------ reports
-def write_reports(out_dir, writer, epoch, report, probs, y_true, images, val_idx, calibration, log=print):
-    """Pictures of the best epoch, as PNGs in out_dir and in TensorBoard (MS_COCO.py --reports, at the end of
-    training): per-class F1 (sorted, rare classes marked), the threshold sweep, precision-recall curves of the
-    rarest classes and a grid of validation images with their predicted and true labels."""
-    import matplotlib
-    matplotlib.use("Agg")                           # no window: training may run without a display
-    import matplotlib.pyplot as plt
-    names = M.CLASS_NAMES
-    y = np.asarray(y_true, bool)
-    support = y.sum(0)
-    present = np.flatnonzero(support > 0)
-    rare = set(present[np.argsort(support[present], kind="stable")[:10]].tolist())
-    figures = {}
-    f1 = report["best"]["class_f1"]
-    order = present[np.argsort(-f1[present], kind="stable")]
-    fig, ax = plt.subplots(figsize=(max(8, 0.16 * len(order)), 4.5))
-    ax.bar(range(len(order)), f1[order], color=["tab:red" if c in rare else "tab:blue" for c in order])
-    ax.set_xticks(range(len(order)), [f"{names[c]} ({support[c]})" for c in order], rotation=90, fontsize=6)
-    ax.set(ylabel="F1 at tau*",
-           title=f"per-class F1, epoch {epoch} (red: the 10 rarest classes; validation positives in brackets)")
-    figures["per_class_f1"] = fig
-    sweep = report["sweep"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key in ("f1", "precision", "recall"):
-        ax.plot(sweep["tau"], sweep[key], label=key if key != "f1" else "challenge F1")
-    ax.axvline(report["tau"], color="grey", ls="--", lw=1)
-    ax.set(xlabel="threshold tau (probability)",
-           title=f"threshold sweep: F1 {report['best']['f1']:.4f} at tau* {report['tau']:.2f}")
-    ax.legend()
-    figures["threshold_sweep"] = fig
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for c in sorted(rare, key=lambda c: support[c])[:6]:
-        order_c = np.argsort(-probs[:, c], kind="stable")
-        tp = np.cumsum(y[order_c, c])
-        ax.step(tp / support[c], tp / np.arange(1, len(tp) + 1), where="post",
-                label=f"{names[c]} (n={support[c]}, AP {report['ap'][c]:.2f})")
-    ax.set(xlabel="recall", ylabel="precision", title="precision-recall of the rarest validation classes")
-    ax.legend(fontsize=7)
-    figures["pr_rare_classes"] = fig
-    pred = M.binarize(probs, calibration.get("threshold", report["tau"]))
-    show = np.random.default_rng(0).permutation(len(val_idx))[:16]
-    fig, axes = plt.subplots(4, 4, figsize=(10, 11))
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, i in zip(axes.flat, show):
-        ax.imshow(np.asarray(images[val_idx[i]]).transpose(1, 2, 0))
-        ok = pred[i] & y[i]
-        ax.set_title("pred: " + ", ".join(names[c] + ("" if ok[c] else "*") for c in np.flatnonzero(pred[i]))
-                     + "\ntrue: " + ", ".join(names[c] for c in np.flatnonzero(y[i])), fontsize=6)
-    fig.suptitle("validation images (* = wrong prediction)")
-    figures["val_predictions"] = fig
-    written = [Path(out_dir) / f"{name}.png" for name in figures]
-    for path, (name, fig) in zip(written, figures.items()):
-        fig.tight_layout()
-        M.atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=110))
-        writer.add_figure(f"report/{name}", fig, epoch)         # and closes it
-    for c in sorted(rare):
-        writer.add_pr_curve(f"pr_rare/{c:02d}_{names[c].replace(' ', '_')}", y[:, c], probs[:, c], epoch)
-    writer.flush()
-    log(f"reports: {', '.join(p.name for p in written)} in {out_dir}")
-    return written
-
+# ------------------------------------------------------------------- export
 def newest_checkpoint(checkpoint_dir):
     found = sorted(Path(checkpoint_dir).glob("*/best_model.pth"), key=lambda p: p.stat().st_mtime)
     if not found:
@@ -413,7 +256,8 @@ def model_probs(state, images, device, cfg):
     model = M.model_from_checkpoint(state).to(device)
     amp = switch(cfg.get("amp"), state["config"].get("amp", True))
     tta = switch(cfg.get("tta"), state.get("tta", False))
-    return M.predict(model, images, device, cfg["batch_size"], amp=amp, mean=state["mean"], std=state["std"], tta=tta)
+    return M.predict(model, images, device, tta=tta, batch_size=cfg["batch_size"], amp=amp, mean=state["mean"],
+                     std=state["std"])
 
 
 def predict_ensemble(members, weights, test_dir, cfg):
@@ -509,7 +353,7 @@ def calibrate_ensemble(members, weights, cfg):
     run = members[0]["config"]
     mode = cfg["thresholds"] or run.get("thresholds", "global")
     taus = M.threshold_grid(run["threshold_min"], run["threshold_max"], run["threshold_step"])
-    calibrate = lambda probs: calibrate_thresholds(labels, probs, taus, mode, seed=run["seed"])
+    calibrate = lambda probs: M.calibrate_thresholds(labels, probs, taus, mode, seed=run["seed"])
     for member, probs in zip(members, member_probs):
         print(f"  run {member['run_id']}: {heldout_estimate(calibrate(probs))}")
     cal = calibrate(weighted_mean(member_probs, weights))
@@ -572,7 +416,7 @@ def choose_thresholds(state, option):
     cal = state.get("thresholds") or {}
     if "global_tau" not in cal or "per_class" not in cal:
         raise M.UserError("this checkpoint stores only its chosen threshold; leave --thresholds empty")
-    return {**state, "threshold": option_thresholds(option, float(cal["global_tau"]),
+    return {**state, "threshold": M.option_thresholds(option, float(cal["global_tau"]),
                                                       [float(t) for t in cal["per_class"]])}
 
 

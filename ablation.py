@@ -9,7 +9,7 @@ Every variant trains with MS_COCO.train on the same data, size, batch and epoch 
 per seed (the seed also draws the validation split), and is scored on validation only: the
 challenge F1 at the global tau* (the checkpoint-selection figure), macro F1 and mAP of the best
 epoch, and the held-out F1 of each threshold option (fitted on 4/5 of validation, scored on the
-rest, see MS_COCO_test.calibrate_thresholds). Writes a markdown table (mean +- sample std over seeds)
+rest, see MS_COCO.calibrate_thresholds). Writes a markdown table (mean +- sample std over seeds)
 and the per-run figures as JSON. No test data is read.
 """
 
@@ -137,7 +137,7 @@ def test_scores(state, test_dir, labels_dir, device):
     cal = state["thresholds"]
     out = {}
     for name in T.THRESHOLD_OPTIONS:
-        th = T.option_thresholds(name, cal["global_tau"], np.asarray(cal["per_class"]))
+        th = M.option_thresholds(name, cal["global_tau"], np.asarray(cal["per_class"]))
         out[name] = M.challenge_scores(y, M.binarize(probs, th))["f1"]
     out["chosen"] = out[cal["chosen"]]
     return out

@@ -185,7 +185,7 @@ def run_epoch(model, tiny_cfg):
     images = np.random.default_rng(0).integers(0, 255, (32, 3, 8, 8), dtype=np.uint8)
     labels = np.eye(80, dtype=np.uint8)[np.arange(32) % 80]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    return M.train_one_epoch(model, opt, images, labels, np.arange(32), torch.device("cpu"), tiny_cfg, 1)
+    return M.train_one_epoch(M.RunState(tiny_cfg, model, opt), images, labels, np.arange(32))
 
 
 def test_a_non_finite_loss_skips_the_step(tmp_path, capsys):
@@ -208,12 +208,12 @@ def test_non_finite_losses_in_a_real_run_keep_the_last_good_checkpoint(tmp_path,
     cfg = tiny_config(tmp_path, tiny_source, epochs=3)
     real = M.train_one_epoch
 
-    def poisoned(model, optimizer, *args, **kwargs):
-        if args[5] == 2:                                                      # epoch 2: every loss is NaN
+    def poisoned(run, *args, **kwargs):
+        if run.epoch == 2:                                                    # epoch 2: every loss is NaN
             with torch.no_grad():
-                for p in model.parameters():
+                for p in run.model.parameters():
                     p.mul_(float("nan"))
-        return real(model, optimizer, *args, **kwargs)
+        return real(run, *args, **kwargs)
     M.train(dict(cfg, epochs=1), log=lambda *_: None)
     good = (tmp_path / "checkpoints" / "t" / "last.pth").read_bytes()
     monkeypatch.setattr(M, "train_one_epoch", poisoned)

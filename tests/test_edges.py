@@ -75,8 +75,8 @@ def test_the_loss_is_read_every_check_every_steps(tmp_path, monkeypatch):
     images = rng.integers(0, 255, (24, 3, 16, 16), dtype=np.uint8)
     labels = (rng.random((24, M.NUM_CLASSES)) < 0.1).astype(np.uint8)
     model = M.build_model("resnet18", "none")
-    loss, seen, _ = M.train_one_epoch(model, M.build_optimizer(cfg, model), images, labels, np.arange(24),
-                                      torch.device("cpu"), cfg, 1)
+    loss, seen, _ = M.train_one_epoch(M.RunState(cfg, model, M.build_optimizer(cfg, model)), images, labels,
+                                      np.arange(24))
     assert seen == 24 and np.isfinite(loss)
 
 

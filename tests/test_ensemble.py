@@ -105,7 +105,7 @@ def test_ensemble_thresholds_are_refit_on_the_shared_validation(option, runs, te
     labels, val = averaged_val_scores(runs, ["a", "b"], [0.5, 0.5])
     run = M.load_checkpoint(ckpt(runs, "a"))["config"]
     taus = M.threshold_grid(run["threshold_min"], run["threshold_max"], run["threshold_step"])
-    expected = T.calibrate_thresholds(labels, val, taus, option or run["thresholds"], seed=run["seed"])
+    expected = M.calibrate_thresholds(labels, val, taus, option or run["thresholds"], seed=run["seed"])
     more = ["--thresholds", option] if option else []
     preds = export(runs, test_dir, tmp_path / "p.json", "a", str(ckpt(runs, "b")), more=more)   # id and file
     pred = M.binarize(mean_of(single, "a", "b"), expected["threshold"])
@@ -113,7 +113,7 @@ def test_ensemble_thresholds_are_refit_on_the_shared_validation(option, runs, te
     out = capsys.readouterr().out
     for run_id in ("a", "b"):          # each member re-estimated by the same calibration, on its own scores
         _, own = averaged_val_scores(runs, ["a", run_id], [0.0, 1.0])
-        mine = T.calibrate_thresholds(labels, own, taus, option or run["thresholds"], seed=run["seed"])
+        mine = M.calibrate_thresholds(labels, own, taus, option or run["thresholds"], seed=run["seed"])
         assert f"run {run_id}: {T.heldout_estimate(mine)}" in out
     assert f"ensemble of 2: {T.heldout_estimate(expected)}" in out
 

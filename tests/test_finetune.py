@@ -206,8 +206,8 @@ def test_features_give_the_same_head_as_the_whole_network(tmp_path, tiny_source)
         opt = M.build_optimizer(cfg, model)
         feats = torch.from_numpy(M.backbone_features(model, data.images, torch.device("cpu"), cfg, rows))
         for epoch in (1, 2):
-            M.train_one_epoch(model, opt, data.images, data.labels, rows,
-                              torch.device("cpu"), cfg, epoch, head_only=True, features=feats if fast else None)
+            M.train_one_epoch(M.RunState(cfg, model, opt, epoch=epoch), data.images, data.labels, rows,
+                              head_only=True, features=feats if fast else None)
         heads.append(model.fc.weight.detach().clone())
     assert torch.allclose(heads[0], heads[1], atol=1e-5)
     assert not torch.allclose(heads[0], M.build_model("resnet18", "none").fc.weight, atol=1e-3)

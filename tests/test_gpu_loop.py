@@ -103,8 +103,8 @@ def epoch_transfers(steps, tmp_path, monkeypatch, on_device, recipe):
         return from_numpy(a)
     monkeypatch.setattr(torch, "from_numpy", counted_from_numpy)
     with mode:
-        M.train_one_epoch(model, opt, images, labels, rows, device, cfg, 1, ema=ema, scheduler=scheduler,
-                          criterion=criterion, repeat=repeat, head_only=head_only, features=features)
+        run = M.RunState(cfg, model, opt, device, scheduler, ema=ema, criterion=criterion, repeat=repeat)
+        M.train_one_epoch(run, images, labels, rows, head_only=head_only, features=features)
     monkeypatch.undo()
     return mode.reads, mode.copies
 
@@ -198,11 +198,11 @@ def test_validation_out_of_memory_retries_outside_the_traceback_and_remembers(tm
     monkeypatch.setattr(M, "VALIDATION_BATCH_FITS", {})
     tried, freed_inside_except = [], []
 
-    def predict(model, images, device, batch, *args, **kwargs):
-        tried.append(batch)
-        if batch > 4:
+    def predict(model, images, device, rows=None, tta=False, **how):
+        tried.append(how["batch_size"])
+        if how["batch_size"] > 4:
             raise torch.cuda.OutOfMemoryError("out of memory")
-        return np.full((len(kwargs["rows"]), M.NUM_CLASSES), 0.5, np.float32)
+        return np.full((len(rows), M.NUM_CLASSES), 0.5, np.float32)
     monkeypatch.setattr(M, "predict", predict)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: freed_inside_except.append(sys.exc_info()[0] is not None))
     labels = np.zeros((10, M.NUM_CLASSES), np.uint8)

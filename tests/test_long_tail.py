@@ -31,7 +31,7 @@ def f1(y, pred):
 def test_class_thresholds_beat_the_global_one_where_fitted_and_are_a_coordinate_optimum():
     y, probs = scores_with_class_offsets()
     tau = M.best_threshold(M.sweep_thresholds(y, probs, TAUS))[0]
-    th = T.fit_class_thresholds(y, probs, TAUS, tau)
+    th = M.fit_class_thresholds(y, probs, TAUS, tau)
     fitted = f1(y, M.binarize(probs, th))
     assert fitted > f1(y, M.binarize(probs, tau)) + 0.05
     for c in (0, 17, 79):                                    # no single class can move to do better
@@ -44,22 +44,22 @@ def test_class_thresholds_beat_the_global_one_where_fitted_and_are_a_coordinate_
 
 def test_shrinkage_and_absent_classes():
     raw = np.array([0.2, 0.8, 0.5])
-    assert np.allclose(T.shrink_thresholds(raw, 0.4, [10, 10, 0], 0.0), [0.2, 0.8, 0.4])   # absent: global
-    assert np.allclose(T.shrink_thresholds(raw, 0.4, [10, 10, 10], float("inf")), 0.4)
-    mid = T.shrink_thresholds(raw, 0.4, [1, 100, 5], 5.0)
+    assert np.allclose(M.shrink_thresholds(raw, 0.4, [10, 10, 0], 0.0), [0.2, 0.8, 0.4])   # absent: global
+    assert np.allclose(M.shrink_thresholds(raw, 0.4, [10, 10, 10], float("inf")), 0.4)
+    mid = M.shrink_thresholds(raw, 0.4, [1, 100, 5], 5.0)
     assert mid[0] == pytest.approx((0.2 + 5 * 0.4) / 6) and abs(mid[1] - 0.8) < abs(mid[0] - 0.2) + 0.1
 
 
 def test_calibration_reports_held_out_gains_and_never_zeroes_an_absent_class():
     y, probs = scores_with_class_offsets(1000)
     y[:, 5] = False                                          # a class with no validation positive
-    cal = T.calibrate_thresholds(y, probs, TAUS, "per_class", folds=5, seed=0)
+    cal = M.calibrate_thresholds(y, probs, TAUS, "per_class", folds=5, seed=0)
     assert set(cal["heldout_f1"]) == set(T.THRESHOLD_OPTIONS) and cal["chosen"] == "per_class"
     assert all(0 <= v <= 1 for v in cal["heldout_f1"].values())
     assert cal["heldout_f1"]["per_class"] > cal["heldout_f1"]["global"]   # planted offsets: per-class wins out of fold
     assert len(cal["threshold"]) == 80 and cal["threshold"][5] == cal["global_tau"]
     assert min(cal["threshold"]) >= 0.05
-    forced = T.calibrate_thresholds(y, probs, TAUS, "global+top1")     # an older run's option: the nearest left
+    forced = M.calibrate_thresholds(y, probs, TAUS, "global+top1")     # an older run's option: the nearest left
     assert forced["chosen"] == "global" and forced["threshold"] == forced["global_tau"]
 
 
@@ -134,10 +134,11 @@ def test_a_resumed_schedule_lands_where_a_fresh_run_is():
                backbone_lr_scale=0.1)
     new = dict(old, lr=3e-4)
     _, trained, _ = lr_steps(old, 7, 30)
-    resumed = M.build_optimizer(new, two_layers())
+    model = two_layers()
+    resumed = M.build_optimizer(new, model)
     scheduler = M.build_scheduler(new, resumed, 5)
     resumed.load_state_dict(trained.state_dict())
-    M.rebase_schedule(resumed, scheduler, 23)
+    M.RunState(new, model, resumed, scheduler=scheduler).rebase_schedule(23)
     fresh, _, _ = lr_steps(new, 5, 33)
     for i in range(23, 33):
         assert [g["lr"] / new["lr"] for g in resumed.param_groups] == fresh[i]
@@ -200,3 +201,35 @@ def test_strong_recipe_runs_end_to_end(tmp_path, tiny_source):
     resumed = tiny_config(tmp_path, tiny_source, epochs=3, resume=str(result["last_path"]))
     M.train(resumed, log=lambda *_: None)                     # EMA and sampling state come back
     assert M.load_checkpoint(result["last_path"])["epoch"] == 3
+
+
+def test_our_asymmetric_loss_is_not_timms():
+    """Why AsymmetricLoss is ours: timm's AsymmetricLossMultiLabel sums over the 80 classes (80x our mean, so every
+    learning rate would change) and clamps p at eps before its log, so a positive far below the threshold (logit
+    -25) gets no gradient at all, where ours pulls it up with logsigmoid's full gradient."""
+    from timm.loss import AsymmetricLossMultiLabel
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 80) * 3, (torch.rand(64, 80) < 0.1).float()
+    ours, theirs = M.AsymmetricLoss(4.0, 0.0, 0.05), AsymmetricLossMultiLabel(gamma_neg=4, gamma_pos=0, clip=0.05)
+    assert float(theirs(x, y)) == pytest.approx(80 * float(ours(x, y)), rel=1e-4)
+    grads = []
+    for loss in (ours, theirs):
+        z = torch.tensor([[-25.0]], requires_grad=True)
+        loss(z, torch.ones(1, 1)).backward()
+        grads.append(float(z.grad))
+    assert grads[0] == pytest.approx(-1.0, abs=1e-6) and grads[1] == 0.0
+
+
+def test_ema_averages_buffers_too_and_warms_up():
+    """timm's ModelEmaV3 under build_ema: BatchNorm's running statistics are averaged like the weights, its batch
+    counter copied, and the decay is min(decay, (1 + n) / (10 + n)) over the n updates so far."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    ema = M.build_ema(model, dict(M.default_config(), ema_decay=0.99))
+    before = ema.module[1].running_mean.clone()
+    model.train()
+    model(torch.randn(16, 4) + 5.0)                     # moves the running mean and the batch counter
+    ema.update_parameters(model)                        # n = 0: decay 0.1
+    expected = 0.1 * before + 0.9 * model[1].running_mean
+    assert torch.allclose(ema.module[1].running_mean, expected, atol=1e-6)
+    assert int(ema.module[1].num_batches_tracked) == int(model[1].num_batches_tracked) == 1
+    assert ema.get_decay() == pytest.approx(2 / 11) and ema.updates == 1
