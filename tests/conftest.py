@@ -24,6 +24,44 @@ def make_tiny_dataset(root, n_train=48, n_test=8, seed=0):
     return root
 
 
+# ----------------------------------------------------------------- temporary files
+# pytest.ini removes a passed test's tmp_path at its teardown. The folders that module-scoped fixtures make with
+# tmp_path_factory.mktemp (test_ensemble's three runs, test_refit's and test_train_export's runs, test_interrupt's
+# data and reference: 0.3-0.7 GB each) would stay to the end of the session, over 2 GB by its last modules: each is
+# removed once its fixture is torn down at the end of its module, unless a test of that module failed (then it is
+# kept for a look, as a failed test's tmp_path is). Session-scoped fixtures' folders (tiny, one-epoch) stay.
+FAILED_MODULES = set()
+MODULE_TEMP = {}                # fixture definition -> (the folders its setup made, its module's path)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        FAILED_MODULES.add(item.path)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    if fixturedef.scope not in ("module", "class") or "tmp_path_factory" not in fixturedef.argnames:
+        return (yield)
+    base = request.getfixturevalue("tmp_path_factory").getbasetemp()
+    before = set(base.iterdir())
+    try:
+        return (yield)
+    finally:
+        MODULE_TEMP[fixturedef] = (sorted(set(base.iterdir()) - before), request.path)
+
+
+def pytest_fixture_post_finalizer(fixturedef, request):
+    """Runs after the fixture's own teardown code (pytest registers it as its first finalizer)."""
+    made, module = MODULE_TEMP.pop(fixturedef, ((), None))
+    if module not in FAILED_MODULES:
+        for folder in made:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_source(tmp_path_factory):
     return make_tiny_dataset(tmp_path_factory.mktemp("tiny") / "ms-coco")
