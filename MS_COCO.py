@@ -1189,8 +1189,12 @@ def join_processes(timeout_minutes=None):
         return
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    minutes = timedelta(minutes=timeout_minutes or DIST_TIMEOUT)
-    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo", timeout=minutes)
+    minutes, store = timedelta(minutes=timeout_minutes or DIST_TIMEOUT), {}
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":   # torchrun's store outlives a restarted attempt:
+        store = dict(store=dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=minutes)),
+            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))   # no stale address of a dead rank
+    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo", timeout=minutes, **store)
     PATIENT[:] = [dist.new_group(backend="gloo", timeout=timedelta(days=7))]
     if dist.get_rank():
         PROGRESS["disable"] = True
@@ -2571,12 +2575,14 @@ def rank_failed(exc, cfg):
     """Under torchrun an error on one rank: one line saying which rank and why, and how to resume; exit 1 (torchrun
     then stops the other ranks)."""
     last = Path(cfg.get("checkpoint_dir", CHECKPOINT_DIR)) / (cfg.get("run_id") or "<run_id>") / "last.pth"
+    # gloo reports a timeout and a vanished peer as plain RuntimeErrors, NCCL as DistErrors: the text decides
     text = str(exc).lower().replace(" ", "").replace("-", "")
-    timed_out = isinstance(exc, dist.DistError) and ("timeout" in text or "timedout" in text)
+    comms = isinstance(exc, (dist.DistError, RuntimeError)) and ("gloo" in text or isinstance(exc, dist.DistError))
+    timed_out = comms and ("timeout" in text or "timedout" in text)
     silent = ", ".join(map(str, silent_ranks())) if timed_out else ""
     why = (f"rank {silent or '?'} stopped answering: no collective finished within --dist-timeout "
            f"{cfg.get('dist_timeout', DIST_TIMEOUT):g} minutes (a hung GPU or a frozen node?)" if timed_out else
-           "another rank stopped (its error is above)" if isinstance(exc, dist.DistError) else
+           "another rank stopped (its error is above, or it was killed)" if comms else
            f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}")
     resume = (f"resume with: torchrun ... MS_COCO.py --resume {last}" if last.is_file() else
               "nothing was saved yet: run the same command again")
