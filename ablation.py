@@ -162,6 +162,25 @@ def budget_note(variants):
     return f" (except {'; '.join(parts)})" if parts else ""
 
 
+def paired_lines(runs, variants):
+    """Each variant minus the first (the reference) on the seeds both ran: differences are paired, so the split and
+    the initialisation, which move every variant alike, cancel out."""
+    ref = {r["seed"]: r for r in runs if r["variant"] == variants[0]}
+    lines = ["", f"Paired difference to `{variants[0]}` on the seeds both ran (mean ± sample std; wins = seeds where "
+             f"the variant is higher), and the best epoch of each seed:", "",
+             "| variant | seeds | validation F1 difference | wins | held-out per-class difference | "
+             "test per-class difference (info) | best epochs |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for v in variants:
+        rs = [r for r in runs if r["variant"] == v and r["seed"] in ref]
+        d = [r["f1"] - ref[r["seed"]]["f1"] for r in rs]
+        h = [r["heldout_f1"]["per_class"] - ref[r["seed"]]["heldout_f1"]["per_class"] for r in rs]
+        t = [r["test_f1"]["per_class"] - ref[r["seed"]]["test_f1"]["per_class"] for r in rs
+             if "test_f1" in r and "test_f1" in ref[r["seed"]]]
+        lines.append(f"| {v} | {', '.join(str(r['seed']) for r in rs)} | {fmt(d)} | {sum(x > 0 for x in d)} of "
+                     f"{len(d)} | {fmt(h)} | {fmt(t) if t else 'n/a'} | {', '.join(str(r['best_epoch']) for r in rs)} |")
+    return lines
+
+
 def table(runs, args):
     variants = list(dict.fromkeys(r["variant"] for r in runs))
     seeds = sorted({r["seed"] for r in runs})
@@ -179,6 +198,7 @@ def table(runs, args):
                      f"{fmt([r['map'] for r in rs])} | {fmt(g)} | {fmt(pc)} | "
                      f"{fmt([b - a for a, b in zip(g, pc)])} | {test_cell(rs, 'global')} | "
                      f"{test_cell(rs, 'per_class')} | {fmt([r['seconds'] for r in rs], 0)} |")
+    lines += paired_lines(runs, variants)
     gains = {name: [r["heldout_f1"][name] - r["heldout_f1"]["global"] for r in runs]
              for name in T.THRESHOLD_OPTIONS if name != "global"}
     lines += ["", f"Held-out gain of each threshold option over the global tau*, all {len(runs)} runs "

@@ -217,6 +217,27 @@ def test_a_hung_rank_ends_the_job_within_the_dist_timeout(tmp_path, tiny_source)
 
 
 @LINUX
+def test_a_cache_build_longer_than_the_dist_timeout_does_not_trip_it(tmp_path):
+    """Rank 0 decodes while rank 1 waits: 30 large PNGs (hard links of one) take longer than --dist-timeout 0.1
+    (6 s) to decode on one thread, yet the job trains on."""
+    import numpy as np
+    from PIL import Image
+    source = M.make_demo_dataset(tmp_path / "ms-coco", n_train=24, n_test=4)
+    pixels = np.zeros((6000, 6000, 3), np.uint8)
+    pixels[..., 0], pixels[..., 1] = np.arange(6000)[None, :] % 256, (np.arange(6000)[:, None] * 7) % 256
+    big = tmp_path / "big.png"
+    Image.fromarray(pixels).save(big, compress_level=1)
+    for i in range(30):
+        os.link(big, source / "images" / "train-resized" / f"big{i:02d}.png")
+        (source / "labels" / "train" / f"big{i:02d}.cls").write_text("0\n")
+    from test_ddp import torchrun
+    run = torchrun(tiny_argv(tmp_path, source, epochs=1) + ["--dist-timeout", "0.1"], timeout=400)
+    assert run.returncode == 0, run.stderr[-3000:]
+    took = float(re.search(r"decoded 54 images at 32px in ([\d.]+)s", run.stdout)[1])
+    assert took > 6, run.stdout            # the build did outlast the timeout
+
+
+@LINUX
 def test_an_error_on_one_rank_ends_every_rank_and_names_it(tmp_path, tiny_source):
     import resource
     proc = torchrun_popen(tiny_argv(tmp_path, tiny_source, epochs=40, keep_epochs=1))
