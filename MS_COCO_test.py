@@ -41,8 +41,7 @@ LOADER_THREADS = 0                          # decode threads (0 = one per core)
 THRESHOLDS = ""                             # "" = the checkpoint's choice | global | per_class (ensembles refit it)
 ENSEMBLE_WEIGHTS = ""                       # one weight per --ckpt, e.g. "0.5,0.3,0.2" ("" = equal; 0 leaves a run out)
 THRESHOLD_VALUE = 0.0                       # fixed global threshold in (0, 1) instead of fitted ones (0 = unused); needed when ensembled runs have different validation splits
-# --threshold-value: runs with different splits share no validation image none of them trained on, so no threshold
-# can be fitted honestly. --ckpt (a list), --tta and --amp ("as each checkpoint, unless forced") come from parse_config.
+# --ckpt (a list), --tta and --amp ("as each checkpoint, unless forced") are add_export_arguments', not constants.
 
 # training's --thresholds choices, one list for both scripts (no trailing comment: not an option of this one)
 THRESHOLD_OPTIONS = M.CHOICES["thresholds"]
@@ -54,34 +53,21 @@ FIXED_THRESHOLD_HINT = "or pass --threshold-value T (a fixed global threshold, e
 
 
 # ------------------------------------------------------------------- export
-def newest_checkpoint(checkpoint_dir):
-    found = sorted(Path(checkpoint_dir).glob("*/best_model.pth"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise M.UserError(f"no {checkpoint_dir}/*/best_model.pth found: train first (python MS_COCO.py) "
-                          f"or pass --ckpt PATH")
-    return found[-1]
-
-
 def find_test_dir(test_dir):
     """The given folder, or the variants of the challenge layout around it."""
     path = Path(test_dir)
-    nested = path / path.name
-    if nested.is_dir():
-        return nested
+    if (path / path.name).is_dir():
+        return path / path.name
     if path.is_dir():
         return path
     root = path.parent.parent if path.parent.name == "images" else path.parent
-    layout_root = root if (root / "images").is_dir() else None
-    if layout_root is not None:
-        found = M.find_layout(layout_root)["test_images"] if (layout_root / "labels").is_dir() else None
-        if found:
-            return found
+    if (root / "images").is_dir() and (root / "labels").is_dir() and (found := M.find_layout(root)["test_images"]):
+        return found
     raise M.UserError(f"test image folder {test_dir} does not exist: pass --test-dir")
 
 
 def list_test_images(test_dir):
-    """The test images (folders skipped, broken links kept: they get [] with a warning), one per
-    stem: two files with one stem (x.jpg beside x.png) are refused, as both would claim the key "x"."""
+    """The test images (broken links kept: they get []), one per stem: x.jpg beside x.png would both claim key "x"."""
     paths = M.list_images(test_dir)
     if not paths:
         raise M.UserError(f"no test images (.jpg) in {test_dir}")
@@ -94,9 +80,8 @@ def list_test_images(test_dir):
 
 
 def check_out_path(out):
-    """--out checked before minutes of prediction: not a folder, under folders (or a place where
-    they can be made), writable. The probe creates and removes a real file, as os.access does not
-    see read-only mounts, ACLs or root's exemptions the way a write does."""
+    """--out checked before minutes of prediction: not a folder, under folders (or a place where they can be made),
+    writable. The probe creates and removes a real file: os.access misses read-only mounts, ACLs, root's exemptions."""
     path = Path(out)
     if path.is_dir():
         raise M.UserError(f"--out {out} is a folder: give a file path, e.g. --out {path / 'predictions.json'}")
@@ -128,9 +113,8 @@ def as_json(value):
 
 
 def check_predictions(preds, stems, source="predictions", per="test image"):
-    """The submission's format, shared by the export (before writing) and the scoring (before
-    scoring): exactly one key per stem, ids int 0-79 unique and ascending. The error names the
-    first offending key and its value, or a few of the missing and extra keys."""
+    """The submission's format, checked before writing and before scoring: exactly one key per stem, ids int 0-79
+    unique and ascending. The error names the first offending key and its value, or a few missing and extra keys."""
     if len(stems) != len(set(stems)):
         raise M.UserError(f"two {per}s share a name: each name can be only one key of {source}")
     missing, extra = sorted(set(stems) - set(preds), key=str), sorted(set(preds) - set(stems), key=str)
@@ -175,8 +159,7 @@ def read_predictions(path):
 
 
 def score_predictions(preds, labels_dir, source="predictions"):
-    """The challenge F1 (with P, R, macro and micro F1) of preds against a folder of .cls files.
-    preds pass the export's own check first, so a malformed id is an error, not a silent 0."""
+    """preds' challenge scores against a folder of .cls files, checked as exported (a bad id: an error, not 0)."""
     label_files = M.list_images(labels_dir, (".cls",))
     if not label_files:
         raise M.UserError(f"no .cls label files in {labels_dir}: pass the labels folder with --labels")
@@ -186,9 +169,7 @@ def score_predictions(preds, labels_dir, source="predictions"):
     y_pred = np.zeros_like(y_true, dtype=bool)
     for i, stem in enumerate(stems):
         y_pred[i, preds[stem]] = True
-    scores = M.challenge_scores(y_true, y_pred)
-    scores["images"] = len(stems)
-    return scores
+    return M.challenge_scores(y_true, y_pred) | {"images": len(stems)}
 
 
 def print_scores(scores, labels_dir):
@@ -200,15 +181,15 @@ def print_scores(scores, labels_dir):
 
 
 def checkpoint_paths(cfg):
-    """The --ckpt values as files: a value that is not a file but names a run X means
-    CHECKPOINT_DIR/X/best_model.pth; nothing given means the newest run's best_model.pth."""
+    """--ckpt as files: a run id X (not a file) means CHECKPOINT_DIR/X/best_model.pth; none: the newest run's."""
     if not cfg["ckpt_path"]:
-        return [newest_checkpoint(cfg["checkpoint_dir"])]
-    paths = []
-    for value in cfg["ckpt_path"]:
-        path, run = Path(value), Path(cfg["checkpoint_dir"]) / value / "best_model.pth"
-        paths.append(run if not path.is_file() and run.is_file() else path)   # a missing file: load says so
-    return paths
+        found = sorted(Path(cfg["checkpoint_dir"]).glob("*/best_model.pth"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise M.UserError(f"no {cfg['checkpoint_dir']}/*/best_model.pth found: train first (python MS_COCO.py) "
+                              f"or pass --ckpt PATH")
+        return found[-1:]
+    runs = [(Path(value), Path(cfg["checkpoint_dir"]) / value / "best_model.pth") for value in cfg["ckpt_path"]]
+    return [run if not path.is_file() and run.is_file() else path for path, run in runs]   # a missing one: load says so
 
 
 def ensemble_weights(text, count):
@@ -234,8 +215,7 @@ def load_member(path, keep_weights):
 
 
 def reload_weights(member):
-    """The member's full checkpoint, checked to be the one that was described and calibrated:
-    a run still training may have replaced its best_model.pth meanwhile."""
+    """The member's full checkpoint, checked to be the one described (a run still training may have replaced it)."""
     if "model" in member:
         return member
     state = M.load_checkpoint(member["path"])
@@ -245,38 +225,28 @@ def reload_weights(member):
     return state
 
 
-def switch(forced, own):
-    """A --x/--no-x option that is None unless given: each checkpoint's own setting then."""
-    return own if forced is None else forced
-
-
 def model_probs(state, images, device, cfg):
-    """One checkpoint's probabilities on decoded images: its own normalisation, and its own TTA
-    and AMP (bf16 on CUDA) settings unless --tta/--no-tta or --amp/--no-amp force them."""
+    """One checkpoint's probabilities with its normalisation, and its TTA and AMP unless --[no-]tta, --[no-]amp say."""
     model = M.model_from_checkpoint(state).to(device)
-    amp = switch(cfg.get("amp"), state["config"].get("amp", True))
-    tta = switch(cfg.get("tta"), state.get("tta", False))
+    amp = state["config"].get("amp", True) if cfg.get("amp") is None else cfg["amp"]
+    tta = state.get("tta", False) if cfg.get("tta") is None else cfg["tta"]
     return M.predict(model, images, device, tta=tta, batch_size=cfg["batch_size"], amp=amp, mean=state["mean"],
                      std=state["std"])
 
 
 def predict_ensemble(members, weights, test_dir, cfg):
-    """(stems, weighted mean of the members' probabilities) for every image of test_dir;
-    weights sum to 1. The images are decoded once per distinct image size and the models run
-    one after another, so one model and one decoded copy are in memory at a time. Unreadable
-    images get a row of NaN."""
+    """(stems, weighted mean of the members' probabilities) of test_dir's images (NaN rows: unreadable), decoded once
+    per image size, the models run one after another: one model and one decoded copy in memory at a time."""
     paths = list_test_images(test_dir)
     device = M.pick_device(cfg["device"])
-    total = np.zeros((len(paths), M.NUM_CLASSES), np.float64)
-    unreadable = {}
+    total, unreadable = np.zeros((len(paths), M.NUM_CLASSES), np.float64), {}
     for size in dict.fromkeys(m["image_size"] for m in members):
         images, bad = M.decode_all(paths, size, threads=cfg["loader_threads"], desc=f"test images {size}px")
         unreadable.update(bad)
         for member, weight in zip(members, weights):
             if member["image_size"] == size:
-                state = reload_weights(member)
-                total += weight * np.asarray(model_probs(state, images, device, cfg), np.float64)
-                del state                           # before the next model is loaded
+                # the checkpoint unnamed: freed before the next model is loaded
+                total += weight * np.asarray(model_probs(reload_weights(member), images, device, cfg), np.float64)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
         del images
@@ -292,8 +262,7 @@ def predict_folder(state, test_dir, cfg):
 
 
 def read_validation(member):
-    """(split path, (train, val) stems sorted, val stems, val probs, val labels) that the
-    member's run saved beside its checkpoint (outputs/<run_id>/split.json and val_scores.npz)."""
+    """(split path, sorted (train, val) stems, val stems, probs, labels) its run saved (outputs/<run_id>/)."""
     folder = Path(member["config"]["output_dir"]) / member["run_id"]
     split_path, scores_path = folder / "split.json", folder / "val_scores.npz"
     for path in (split_path, scores_path):
@@ -312,16 +281,13 @@ def read_validation(member):
         raise M.UserError(f"{scores_path} holds epoch {epoch}'s validation scores but {member['path']} is epoch "
                           f"{member['epoch']}: ensemble the runs' best_model.pth, {FIXED_THRESHOLD_HINT}")
     if sorted(stems) != split[1]:
-        raise M.UserError(f"{scores_path} does not score the validation images of {split_path}; "
-                          f"{FIXED_THRESHOLD_HINT}")
+        raise M.UserError(f"{scores_path} does not score the validation images of {split_path}; {FIXED_THRESHOLD_HINT}")
     return split_path, split, stems, probs, labels
 
 
 def shared_validation(members):
-    """(labels, [probs of each member]) on the validation images of the members' common split,
-    rows in the first member's order. Refused unless every run has the same train/validation
-    split: thresholds fitted on one run's validation images would be scored on images another
-    run trained on, and their estimate would be optimistic."""
+    """(labels, [each member's probs]) on the members' common validation split, in the first member's order. Other
+    splits are refused: thresholds fitted there would be scored on images another run trained on (optimistic)."""
     first_path, first_split, order, _, labels = read_validation(members[0])
     member_probs = []
     for member in members:
@@ -336,19 +302,13 @@ def shared_validation(members):
     return labels, member_probs
 
 
-def weighted_mean(arrays, weights):
-    return sum(w * np.asarray(a, np.float64) for w, a in zip(weights, arrays))
-
-
 def heldout_estimate(cal):
     return f"out-of-fold validation F1 {cal['heldout_f1'][cal['chosen']]:.4f} ({cal['chosen']} thresholds)"
 
 
 def calibrate_ensemble(members, weights, cfg):
-    """Thresholds for the ensemble, fitted on its averaged validation probabilities by the same
-    calibration as training (mode: --thresholds, else the first run's option; the first run's
-    threshold grid and seed). Each member is re-estimated the same way, so the printed figures
-    compare."""
+    """The ensemble's thresholds, fitted on its averaged validation probabilities by training's calibration (mode:
+    --thresholds, else the first run's; its grid and seed); each member re-estimated alike, so the figures compare."""
     labels, member_probs = shared_validation(members)
     run = members[0]["config"]
     mode = cfg["thresholds"] or run.get("thresholds", "global")
@@ -356,14 +316,13 @@ def calibrate_ensemble(members, weights, cfg):
     calibrate = lambda probs: M.calibrate_thresholds(labels, probs, taus, mode, seed=run["seed"])
     for member, probs in zip(members, member_probs):
         print(f"  run {member['run_id']}: {heldout_estimate(calibrate(probs))}")
-    cal = calibrate(weighted_mean(member_probs, weights))
+    cal = calibrate(sum(w * p for w, p in zip(weights, member_probs)))
     print(f"  ensemble of {len(members)}: {heldout_estimate(cal)} on {len(labels)} shared validation images")
     return cal
 
 
 def export_thresholds(members, weights, cfg):
-    """{"threshold": the threshold(s) to apply}: --threshold-value when given, a single
-    checkpoint's own (or another stored option), an ensemble's fitted anew."""
+    """{"threshold": ...}: --threshold-value, a checkpoint's own (or stored option), an ensemble's fitted anew."""
     if cfg["threshold_value"]:
         return {"threshold": cfg["threshold_value"]}
     if len(members) == 1:
@@ -400,15 +359,15 @@ def export(cfg):
     pred = M.binarize(probs, chosen["threshold"]) & finite[:, None]
     preds = predictions_dict(stems, pred)
     write_predictions(cfg["out"], preds, stems)
-    per_image = pred.sum(1)
+    per_image, th = pred.sum(1), chosen["threshold"]
+    shown = f"per class, {min(th):.2f}-{max(th):.2f}" if np.ndim(th) else f"global {th:.2f}"
     print(f"wrote {cfg['out']}: {len(stems)} images, {per_image.mean():.2f} labels per image, "
-          f"{int((per_image == 0).sum())} with none (thresholds: {describe_threshold(chosen)})")
+          f"{int((per_image == 0).sum())} with none (thresholds: {shown})")
     return preds
 
 
 def choose_thresholds(state, option):
-    """The checkpoint's thresholds, or another of the options it stores (global tau* and the
-    fitted per-class thresholds), so switching needs no retraining."""
+    """The checkpoint's thresholds, or another option it stores (global tau*, per-class): no retraining."""
     if not option:
         return state
     if option not in THRESHOLD_OPTIONS:
@@ -418,11 +377,6 @@ def choose_thresholds(state, option):
         raise M.UserError("this checkpoint stores only its chosen threshold; leave --thresholds empty")
     return {**state, "threshold": M.option_thresholds(option, float(cal["global_tau"]),
                                                       [float(t) for t in cal["per_class"]])}
-
-
-def describe_threshold(state):
-    th = state["threshold"]
-    return f"per class, {min(th):.2f}-{max(th):.2f}" if np.ndim(th) else f"global {th:.2f}"
 
 
 def add_export_arguments(parser):
@@ -462,8 +416,7 @@ def main(argv=None):
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2)
     except KeyboardInterrupt:   # files are written by atomic replace: none is ever left half-written
-        print("interrupted: no file was left half-written; run the same command again",
-              file=sys.stderr)
+        print("interrupted: no file was left half-written; run the same command again", file=sys.stderr)
         raise SystemExit(130)
 
 

@@ -17,8 +17,12 @@ def test_ablation_writes_runs_and_table_and_resumes(tmp_path, tiny_data, capsys)
         assert 0.0 <= r["f1"] <= 1.0 and r["seconds"] > 0
         assert set(r["heldout_f1"]) == set(MS_COCO_test.THRESHOLD_OPTIONS)
     table = (tmp_path / "abl" / "table.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| default") or line.startswith("| asl")]
+    first, paired = table.split("Paired difference")
+    rows = [line for line in first.splitlines() if line.startswith("| default") or line.startswith("| asl")]
     assert len(rows) == 2 and "seeds [0, 1]" in table
+    asl = next(line for line in paired.splitlines() if line.startswith("| asl")).split("|")
+    difference = (runs[2]["f1"] - runs[0]["f1"] + runs[3]["f1"] - runs[1]["f1"]) / 2
+    assert asl[2].strip() == "0, 1" and asl[3].strip().startswith(f"{difference:.4f} ±")
     mean_f1 = (runs[0]["f1"] + runs[1]["f1"]) / 2
     assert rows[0].split("|")[2].strip().startswith(f"{mean_f1:.4f} ±")
     assert len(json.loads((tmp_path / "abl" / "runs.json").read_text())) == 4

@@ -246,7 +246,7 @@ def test_an_error_on_one_rank_ends_every_rank_and_names_it(tmp_path, tiny_source
     def starve_rank_1():            # its next allocations fail: a real out-of-memory error on that rank alone
         pid = workers(proc)[1]
         size = int(Path(f"/proc/{pid}/status").read_text().split("VmSize:")[1].split()[0]) * 1024
-        resource.prlimit(pid, resource.RLIMIT_AS, (size, size))
+        resource.prlimit(pid, resource.RLIMIT_AS, (size // 2, size // 2))   # below its use: no new mapping
         failed.append(time.time())
     text = run_until(proc, "epoch   2/40", starve_rank_1, timeout=300)
     assert proc.returncode != 0 and time.time() - failed[0] < 90, text
