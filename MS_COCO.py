@@ -2501,7 +2501,7 @@ def rank_failed(exc, cfg):
     last = Path(cfg.get("checkpoint_dir", CHECKPOINT_DIR)) / (cfg.get("run_id") or "<run_id>") / "last.pth"
     # gloo reports a timeout and a vanished peer as plain RuntimeErrors, NCCL as DistErrors: the text decides
     text = str(exc).lower().replace(" ", "").replace("-", "")
-    comms = isinstance(exc, (dist.DistError, RuntimeError)) and ("gloo" in text or isinstance(exc, dist.DistError))
+    comms = isinstance(exc, dist.DistError) or isinstance(exc, RuntimeError) and "gloo" in text
     timed_out = comms and ("timeout" in text or "timedout" in text)
     silent = ", ".join(map(str, silent_ranks())) if timed_out else ""
     why = (f"rank {silent or '?'} stopped answering: no collective finished within --dist-timeout "
